@@ -8,9 +8,8 @@ two streams separately: one LayerNorm, two sets of (shift, scale, gate) from the
 Variants: 2B adds 3D sin-cos absolute positions to the video tokens. 5B and 1.5-5B apply 3D RoPE to q and k
 of the video tokens, after the per-head q/k LayerNorm. 1.5 also patchifies time (patch_size_t = 2).
 
-The reference is diffusers' `CogVideoXTransformer3DModel`. tests/test_model.py checks that we match it
-to 1e-5 in fp32 with the same weights. Unlike diffusers, the model computes its own positions from the
-input shape, so callers never pass RoPE tables.
+Reference: diffusers' `CogVideoXTransformer3DModel`; tests/test_model.py matches it to 1e-5 in fp32. Unlike
+diffusers, the model computes its own positions from the input shape: callers never pass RoPE tables.
 
 Shapes: B batch, F latent frames, C latent channels, H/W latent height/width, L text tokens, N video tokens,
 S = L + N, D hidden size, nh heads, hd head dim, E time-embedding size.
@@ -19,7 +18,6 @@ S = L + N, D hidden size, nh heads, hd head dim, E time-embedding size.
 import math
 from dataclasses import dataclass, fields, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -31,11 +29,7 @@ import checkpoint
 
 @dataclass
 class TransformerConfig:
-    """Field names and defaults follow the diffusers `config.json`. The defaults are 2B's.
-
-    Fields that a config.json omits keep these defaults. The 2B file has no rotary, patch_size_t or
-    patch_bias fields.
-    """
+    """Names follow diffusers' config.json; defaults are 2B's, and a field a config.json omits keeps them."""
 
     num_attention_heads: int = 30  # nh: 30 (2B), 48 (5B)
     attention_head_dim: int = 64  # hd
@@ -46,15 +40,10 @@ class TransformerConfig:
     num_layers: int = 30  # 30 (2B), 42 (5B)
     patch_size: int = 2  # spatial patch p
     patch_size_t: int | None = None  # temporal patch (1.5: 2); None = 1
-    patch_bias: bool = True  # unused: the patch projection always has a bias, as in the checkpoints
-    sample_height: int = 60  # latent size the model was trained at: the RoPE base grid (1.0)
+    sample_height: int = 60  # trained latent size: the 1.0 RoPE base grid (1.5: max grid 300/p)
     sample_width: int = 90
-    sample_frames: int = 49  # pixel frames; the RoPE max grid of 1.5 is (sample_height/p, sample_width/p)
-    temporal_compression_ratio: int = 4
     max_text_seq_length: int = 226  # T5 tokens per prompt
     use_rotary_positional_embeddings: bool = False  # 3D RoPE (5B, 1.5) instead of 3D sin-cos (2B)
-    use_learned_positional_embeddings: bool = False  # image-to-video only: rejected at load
-    ofs_embed_dim: int | None = None  # 1.5 image-to-video only: rejected at load
     spatial_interpolation_scale: float = 1.875  # sin-cos positions: h, w coordinates are divided by this
     temporal_interpolation_scale: float = 1.0
     norm_eps: float = 1e-5  # block and final LayerNorms (the q/k norms use 1e-6)
@@ -75,14 +64,12 @@ CONFIGS = {
     ),
     "cogvideox1.5-5b": TransformerConfig(
         num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True, patch_size_t=2,
-        patch_bias=False, sample_height=300, sample_width=300, sample_frames=81,
-    ),
+        sample_height=300, sample_width=300),
     # Small enough for a CPU forward in milliseconds; shaped like 5B (RoPE needs hd % 16 == 0).
     "tiny": TransformerConfig(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_embed_dim=32,
-        time_embed_dim=32, num_layers=2, sample_height=8, sample_width=8, sample_frames=9,
-        max_text_seq_length=16, use_rotary_positional_embeddings=True,
-    ),
+        time_embed_dim=32, num_layers=2, sample_height=8, sample_width=8, max_text_seq_length=16,
+        use_rotary_positional_embeddings=True),
 }  # fmt: skip
 
 
@@ -114,9 +101,8 @@ def on_grid(shape: tuple[int, int, int], *tables: tuple[torch.Tensor, int]) -> t
 def rope_positions(cfg: TransformerConfig, f: int, gh: int, gw: int, device) -> list[torch.Tensor]:
     """Per-axis RoPE positions (t, h, w) of a token grid, placed as the reference pipelines place them.
 
-    1.5 uses integer positions. 1.0 fits the grid into its training grid (sample_height/p × sample_width/p),
-    keeping the aspect ratio and centring it. At 480×720 (30×45 tokens) this gives exactly 0..29 and
-    0..44. At other sizes the h/w positions are fractional, as in diffusers' CogVideoXPipeline.
+    1.5: integers. 1.0: the grid is fitted, aspect kept and centred, into the training grid (30×45 tokens),
+    so 480×720 gives exactly 0..29 × 0..44 and other sizes fractional h/w positions (CogVideoXPipeline).
     """
     pos = [torch.arange(n, dtype=torch.float32, device=device) for n in (f, gh, gw)]
     if cfg.patch_size_t is None:
@@ -134,9 +120,8 @@ def rope_positions(cfg: TransformerConfig, f: int, gh: int, gw: int, device) -> 
 def rope_tables(cfg: TransformerConfig, f: int, gh: int, gw: int, n_text: int, device) -> torch.Tensor:
     """(2, S, hd) fp32 cos/sin tables for interleaved-pair 3D RoPE over the whole [text; video] sequence.
 
-    head_dim is split [t | h | w] = [hd/4 | 3hd/8 | 3hd/8]. Each axis uses frequencies θ^(-2k/d_axis),
-    θ = 10000, and each frequency rotates one adjacent pair of dims. Text rows are the identity
-    (cos 1, sin 0), so one elementwise op covers the sequence: text stays position-free, as in CogVideoX.
+    head_dim splits [t | h | w] = [hd/4 | 3hd/8 | 3hd/8]; axis frequencies 10000^(-2k/d_axis) each rotate one
+    adjacent pair of dims. Text rows are the identity (cos 1, sin 0): one op covers the whole sequence.
     """
     hd = cfg.attention_head_dim
     angles = []
@@ -156,11 +141,9 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_positions(cfg: TransformerConfig, f: int, gh: int, gw: int, device) -> torch.Tensor:
-    """(N, D) 3D sin-cos absolute positions of 2B: [t (D/4) | w (3D/8) | h (3D/8)], computed in float64.
+    """(N, D) 2B's 3D sin-cos positions [t (D/4) | w (3D/8) | h (3D/8)] (w before h, as in the reference).
 
-    Coordinates are t / temporal_interpolation_scale and h, w / spatial_interpolation_scale. The width
-    block comes before the height block, as in the reference. Each block is [sin | cos] of p·10000^(-k/(d/2)).
-    """
+    Each block is [sin | cos] of p·10000^(-k/(d/2)) in float64, p = index / interpolation scale."""
 
     def sincos(n: int, scale: float, d: int) -> torch.Tensor:  # (n, d)
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64, device=device) / (d / 2))
@@ -201,18 +184,15 @@ class ExpertAdaLN(nn.Module):
 
 
 class Attention(nn.Module):
-    """Joint self-attention over [text; video] with per-head q/k LayerNorm (eps 1e-6) and RoPE after it.
+    """Joint self-attention over [text; video], per-head q/k LayerNorm (eps 1e-6), then RoPE.
 
-    q, k and v come from one fused projection (D -> 3D). The checkpoint's to_q/to_k/to_v are concatenated
-    at load time, so one GEMM replaces three.
-    """
+    One fused q/k/v projection (D -> 3D): the checkpoint's to_q/to_k/to_v are concatenated at load."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.heads, hd = cfg.num_attention_heads, cfg.attention_head_dim
         self.qkv = nn.Linear(cfg.inner_dim, 3 * cfg.inner_dim)
-        self.norm_q = nn.LayerNorm(hd, eps=1e-6)
-        self.norm_k = nn.LayerNorm(hd, eps=1e-6)
+        self.norm_q, self.norm_k = nn.LayerNorm(hd, eps=1e-6), nn.LayerNorm(hd, eps=1e-6)
         self.proj = nn.Linear(cfg.inner_dim, cfg.inner_dim)
 
     def forward(self, h: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
@@ -227,10 +207,8 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """AdaLN -> joint attention -> gated residual; AdaLN -> FFN (4D, tanh-GELU) -> gated residual.
 
-    `branch(kind, h)`, if given, returns a parallel term that is added to the sub-layer output before the
-    gate. This is the extension point DualReal's adapters use (adapters.py). h is the normalised,
-    modulated [text; video] input of the sub-layer.
-    """
+    `branch(kind, h)`, if given, returns a term added to the sub-layer output before the gate, from the
+    sub-layer's normalised, modulated [text; video] input h: the hook DualReal's adapters use."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -303,11 +281,10 @@ class CogVideoXTransformer(nn.Module):
         patches = rearrange(latents, "b (f pt) c (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=p, pw=p)
         x = self.patch_embed(patches)  # (B, N, D)
         e = self.text_proj(text)  # (B, L, D)
-        rope = None
-        if cfg.use_rotary_positional_embeddings:
+        if cfg.use_rotary_positional_embeddings:  # 5B, 1.5: rotate q, k in every block
             rope = rope_tables(cfg, gf, gh, gw, e.shape[1], latents.device)  # (2, S, hd)
-        else:
-            x = x + sincos_positions(cfg, gf, gh, gw, latents.device).to(x.dtype)
+        else:  # 2B: add absolute positions to the video tokens once
+            x, rope = x + sincos_positions(cfg, gf, gh, gw, latents.device).to(x.dtype), None
 
         ctx = self.ext.begin(torch.cat([e, x], dim=1), temb, cond) if self.ext is not None else None
         for i, block in enumerate(self.blocks):
@@ -324,25 +301,22 @@ class CogVideoXTransformer(nn.Module):
             x, "b (f h w) (c pt ph pw) -> b (f pt) c (h ph) (w pw)", f=gf, h=gh, pt=pt, ph=p, pw=p
         )
 
-    def _check(self, latents, text, timestep) -> tuple[int, ...]:
-        cfg = self.config
-        if latents.dim() != 5 or latents.shape[2] != cfg.in_channels:
-            raise ValueError(f"latents must be (B, F, {cfg.in_channels}, H, W), got {tuple(latents.shape)}")
-        b, f, c, h, w = latents.shape
-        if h % cfg.patch_size or w % cfg.patch_size or f % cfg.patch_t:
-            raise ValueError(f"latent H, W must be divisible by {cfg.patch_size} and F by {cfg.patch_t}; "
-                             f"got F={f}, H={h}, W={w}")  # fmt: skip
-        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != cfg.text_embed_dim:
-            raise ValueError(f"text must be ({b}, L, {cfg.text_embed_dim}), got {tuple(text.shape)}")
-        if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, b)):
-            raise ValueError(f"timestep must be a scalar or ({b},), got {tuple(timestep.shape)}")
-        return b, f, c, h, w
+    def _check(self, latents, text, timestep) -> torch.Size:
+        c, p, pt = self.config.in_channels, self.config.patch_size, self.config.patch_t
+        shape = latents.shape
+        if latents.dim() != 5 or shape[2] != c or shape[1] % pt or shape[3] % p or shape[4] % p:
+            raise ValueError(f"latents must be (B, F, {c}, H, W) with F divisible by {pt} and H, W divisible "
+                             f"by {p}; got {tuple(shape)}")  # fmt: skip
+        if text.dim() != 3 or text.shape[0] != shape[0] or text.shape[2] != (d := self.config.text_embed_dim):
+            raise ValueError(f"text must be ({shape[0]}, L, {d}), got {tuple(text.shape)}")
+        if timestep.numel() not in (1, shape[0]):
+            raise ValueError(f"timestep must be a scalar or ({shape[0]},), got {tuple(timestep.shape)}")
+        return shape
 
 
 # ----------------------------------------------------------------------------- loading
 
-# Our module -> the diffusers checkpoint module; `.weight` and `.bias` follow. `{}` is the block index.
-# A list is concatenated on dim 0: the fused q/k/v projection is filled from to_q, to_k and to_v.
+# Ours -> the diffusers module (.weight, .bias follow; {} = block index; a list is concatenated on dim 0).
 KEYS = {
     "patch_embed": "patch_embed.proj",  # 1.0: a Conv2d weight (D, C, p, p), flattened to (D, C·p·p)
     "text_proj": "patch_embed.text_proj",
@@ -370,24 +344,25 @@ def checkpoint_keys(cfg: TransformerConfig) -> dict[str, list[str]]:
     """Every parameter name of ours -> the checkpoint keys that fill it, for all blocks of `cfg`."""
     table = {}
     for ours, theirs in KEYS.items():
+        theirs = theirs if isinstance(theirs, list) else [theirs]
         for i in range(cfg.num_layers) if "{}" in ours else [0]:
             for leaf in ("weight", "bias"):
-                table[f"{ours.format(i)}.{leaf}"] = [f"{t.format(i)}.{leaf}" for t in np.atleast_1d(theirs)]
+                table[f"{ours.format(i)}.{leaf}"] = [f"{t.format(i)}.{leaf}" for t in theirs]
     return table
 
 
-def convert_checkpoint(ckpt: dict[str, torch.Tensor], cfg: TransformerConfig) -> dict[str, torch.Tensor]:
+def convert_checkpoint(ckpt: dict[str, torch.Tensor], cfg: TransformerConfig, source="checkpoint") -> dict:
     """diffusers tensors -> our state dict through KEYS. Unused checkpoint keys are an error."""
     table = checkpoint_keys(cfg)
     used = {k for keys in table.values() for k in keys}
     unused, state = sorted(set(ckpt) - used), {}
     if unused:
-        raise ValueError(f"checkpoint has keys this model does not use: {', '.join(unused[:6])}")
+        raise ValueError(f"{source} has keys this model does not use: {', '.join(unused[:6])}")
     for ours, theirs in table.items():
         if all(k in ckpt for k in theirs):  # a missing one is reported by checkpoint.assign_strict
             state[ours] = torch.cat([ckpt[k] for k in theirs]) if len(theirs) > 1 else ckpt[theirs[0]]
-    if state.get("patch_embed.weight", torch.empty(0, 0)).dim() == 4:
-        state["patch_embed.weight"] = state["patch_embed.weight"].flatten(1)  # (D, C, p, p) -> (D, C·p·p)
+    if "patch_embed.weight" in state:  # 1.0 stores a Conv2d weight (D, C, p, p): flatten to (D, C·p·p)
+        state["patch_embed.weight"] = state["patch_embed.weight"].flatten(1)
     return state
 
 
@@ -399,20 +374,16 @@ def config_from_json(raw: dict, source: str) -> TransformerConfig:
              "freq_shift": 0, "attention_bias": True, "norm_elementwise_affine": True}  # fmt: skip
     for key, want in fixed.items():
         if raw.get(key, want) != want:
-            raise ValueError(
-                f"{source}: {key}={raw[key]!r} is not supported (this implementation has {want!r})"
-            )
-    if cfg.use_learned_positional_embeddings or cfg.ofs_embed_dim is not None:
+            raise ValueError(f"{source}: {key}={raw[key]!r} is not supported (we implement {want!r})")
+    if raw.get("use_learned_positional_embeddings") or raw.get("ofs_embed_dim"):  # the I2V variants
         raise ValueError(f"{source}: image-to-video checkpoints are not supported; use a text-to-video one")
     return cfg
 
 
 def load_transformer(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> CogVideoXTransformer:
-    """Load CogVideoX transformer weights in the diffusers layout, or build the seeded random `tiny` model.
+    """Load "tiny" (seeded random), or diffusers weights from a root folder, its transformer/, or a hub id.
 
-    `path` is "tiny", a checkpoint root holding transformer/, the transformer/ folder, or a hub id.
-    Built on the meta device; weights are memory-mapped, converted once and assigned (checkpoint.py).
-    """
+    Built on the meta device; weights are memory-mapped, converted once and assigned (checkpoint.py)."""
     if path == "tiny":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -423,10 +394,7 @@ def load_transformer(path: str, dtype: torch.dtype = torch.float32, device="cpu"
     cfg = config_from_json(checkpoint.read_config(folder), folder)
     with torch.device("meta"):
         model = CogVideoXTransformer(cfg)
-    try:
-        state = convert_checkpoint(checkpoint.read_safetensors(folder), cfg)
-    except ValueError as err:
-        raise ValueError(f"{folder}: {err}") from None
+    state = convert_checkpoint(checkpoint.read_safetensors(folder), cfg, folder)
     checkpoint.assign_strict(model, state, folder, device, dtype)
     model.name = path
     return model
