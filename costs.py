@@ -1,0 +1,117 @@
+"""What a CogVideoX forward pass and a DualReal training step cost: FLOPs and memory, counted by hand.
+
+train.py prints these at startup (and MFU while it runs); bench.py compares them with measurements. The counts
+are analytic, from the shapes alone, so they hold for a 5B model on a machine that cannot run it.
+
+Conventions: one multiply-add = 2 FLOPs. Only matmuls are counted (linear layers and the two attention
+products); norms, activations, RoPE and softmax are a few % and are left out. Shapes: B batch, N video
+tokens, L text tokens, S = L + N, D hidden size, E time-embedding size.
+"""
+
+from dataclasses import dataclass
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU.
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "RTX 4090": 165.2}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The bf16 peak of a GPU from its torch.cuda.get_device_name(), or None if it is not in the table."""
+    for name, tflops in PEAK_TFLOPS.items():
+        if name.replace(" ", "").lower() in device_name.replace(" ", "").lower():
+            return tflops
+    return None
+
+
+def token_counts(cfg, frames: int, height: int, width: int, text_len: int | None = None) -> tuple[int, int]:
+    """(video tokens N, text tokens L) for `frames` pixel frames (4k+1) of height × width pixels.
+
+    The VAE compresses 4× in time (4k+1 -> k+1 frames) and 8× in space; the DiT patchifies p×p (×pt in time).
+    """
+    latent_frames = (frames - 1) // 4 + 1
+    grid = -(-latent_frames // cfg.patch_t) * (height // 8 // cfg.patch_size) * (width // 8 // cfg.patch_size)
+    return grid, cfg.max_text_seq_length if text_len is None else text_len
+
+
+def estimate_flops(cfg, frames: int, height: int, width: int, batch: int = 1, text_len: int | None = None,
+                   grad_checkpointing: bool = True, adapter_width: int = 0) -> dict[str, float]:  # fmt: skip
+    """Matmul FLOPs of one forward pass and of one training step of the transformer.
+
+    Per block, for S tokens: fused q/k/v 2·S·D·3D, out proj 2·S·D·D, FFN 2·S·D·4D·2 → 24·S·D² linear;
+    attention q·kᵀ and softmax·v → 4·S²·D. DualReal adds four bottlenecks of width r per block (2·S·D·r·2
+    each). The embeddings add patch, text and output projections.
+
+    Training step (frozen base, trainable adapters): the backward of a frozen linear needs only the input
+    gradient (1× its forward), the attention backward costs 2× its forward, the adapters' backward 2×.
+    Checkpointing recomputes every block's forward once more during the backward.
+    """
+    n, text = token_counts(cfg, frames, height, width, text_len)
+    s, d, p2 = n + text, cfg.inner_dim, cfg.in_channels * cfg.patch_t * cfg.patch_size**2
+    per_block_linear = 24 * s * d * d + 2 * 6 * d * cfg.time_embed_dim * 2  # + the two AdaLN projections
+    per_block_attn = 4 * s * s * d
+    per_block_adapter = 4 * (2 * s * d * adapter_width * 2)
+    e = cfg.time_embed_dim  # time MLP (D -> E -> E) and the final AdaLN (E -> 2D) run once per sample
+    embed = (
+        2 * n * p2 * d + 2 * text * cfg.text_embed_dim * d + 2 * n * d * p2 + 2 * (d * e + e * e + e * 2 * d)
+    )
+    layers = cfg.num_layers
+    linear = batch * (layers * per_block_linear + embed)
+    attention = batch * layers * per_block_attn
+    adapters = batch * layers * per_block_adapter
+    forward = linear + attention + adapters
+    backward = linear + 2 * attention + 2 * adapters
+    recompute = (
+        batch * layers * (per_block_linear + per_block_attn + per_block_adapter) if grad_checkpointing else 0
+    )
+    return dict(linear=linear, attention=attention, adapters=adapters, forward=forward,
+                train_step=forward + backward + recompute, tokens=s)  # fmt: skip
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of one training step on the GPU, by what holds them."""
+
+    frozen_weights: float  # the base transformer in its dtype
+    trainable_states: float  # fp32 adapter/controller parameters + gradients + AdamW's two moments
+    checkpoints: float  # block inputs saved for the backward (video + text streams), one per block
+    block_activations: float  # one block's activations live during its recompute and backward
+    attention_workspace: float  # fused SDPA: q, k, v, output and log-sum-exp, never the S×S matrix
+
+    @property
+    def total(self) -> float:
+        return sum(vars(self).values())
+
+    def table(self) -> str:
+        rows = [f"  {k.replace('_', ' '):<22}{v / 2**30:8.2f} GiB" for k, v in vars(self).items()]
+        return "\n".join(rows + [f"  {'total':<22}{self.total / 2**30:8.2f} GiB"])
+
+
+def estimate_training_memory(cfg, frames: int, height: int, width: int, trainable_params: int,
+                             batch: int = 1, base_bytes: int = 2, grad_checkpointing: bool = True,
+                             adapter_width: int = 64) -> MemoryEstimate:  # fmt: skip
+    """Analytic peak memory of a training step with cached latents and embeddings (T5, VAE, CLIP off the GPU).
+
+    A block's live activations in bf16, per token, in units of D: the two normalised inputs (2), q/k/v (3),
+    the normed and rotated q and k, upcast to fp32 for RoPE (4·2), the attention output and its projection
+    (2), the FFN hidden before and after GELU (8), the FFN output (1), and the residual streams (2): ~26·D,
+    plus four adapter bottlenecks (4·r, fp32). Without checkpointing every block keeps all of that.
+    """
+    n, text = token_counts(cfg, frames, height, width)
+    s, d = n + text, cfg.inner_dim
+    frozen = sum(_param_counts(cfg)) * base_bytes
+    trainable = trainable_params * 4 * 4  # fp32 value, gradient, exp_avg, exp_avg_sq
+    block = batch * s * (26 * d * base_bytes + 4 * adapter_width * 4)
+    saved = batch * s * d * base_bytes * cfg.num_layers
+    if not grad_checkpointing:
+        saved, block = cfg.num_layers * block, 0
+    workspace = batch * s * (4 * d * base_bytes + cfg.num_attention_heads * 4)
+    return MemoryEstimate(frozen, trainable, saved, block, workspace)
+
+
+def _param_counts(cfg) -> tuple[int, int]:
+    """(per-block × layers, embeddings + output) parameter counts of the transformer, by hand."""
+    d, e = cfg.inner_dim, cfg.time_embed_dim
+    p2 = cfg.in_channels * cfg.patch_t * cfg.patch_size**2
+    block = 2 * (e * 6 * d + 6 * d + 2 * d) + 4 * (d * d + d) + 4 * cfg.attention_head_dim
+    block += d * 4 * d + 4 * d + 4 * d * d + d
+    rest = p2 * d + d + cfg.text_embed_dim * d + d + d * e + e + e * e + e + 2 * d + e * 2 * d + 2 * d + 2 * d
+    return cfg.num_layers * block, rest + d * p2 + p2

@@ -1,0 +1,66 @@
+"""costs.py: the analytic FLOP and memory counts, checked by hand and against torch's FLOP counter."""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import costs
+import model
+
+
+def one_block_tiny():
+    cfg = model.get_config("tiny")
+    cfg.num_layers = 1
+    return cfg
+
+
+def test_flops_hand_count_one_block():
+    """tiny, 1 block, 9 frames of 64×64 -> 3 latents of 8×8 -> N = 48, L = 16, S = 64, D = 32."""
+    s, d, e, n, p2 = 64, 32, 32, 48, 16
+    linear_block = 2 * s * d * 3 * d + 2 * s * d * d + 2 * s * d * 4 * d * 2 + 2 * (2 * e * 6 * d)
+    embed = 2 * n * p2 * d + 2 * 16 * 32 * d + 2 * n * d * p2 + 2 * (d * e + e * e + e * 2 * d)
+    attention = 2 * s * s * d + 2 * s * s * d  # q·kᵀ and softmax·v over all heads
+    flops = costs.estimate_flops(one_block_tiny(), 9, 64, 64, text_len=16)
+    assert flops["linear"] == linear_block + embed == 1_736_704
+    assert flops["attention"] == attention == 524_288
+    assert flops["forward"] == 1_736_704 + 524_288
+    # training: forward + checkpoint recompute of the block + backward (frozen linear 1×, attention 2×)
+    assert flops["train_step"] == flops["forward"] + (linear_block + attention) + (1_736_704 + 2 * attention)
+
+
+def test_flops_match_torch_flop_counter(monkeypatch):
+    """The count equals torch's FlopCounterMode on a real forward (attention as explicit matmuls)."""
+
+    def math_attention(q, k, v):  # the CPU SDPA kernel is invisible to the counter; count its matmuls
+        return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", math_attention)
+    cfg = model.get_config("tiny")
+    m = model.CogVideoXTransformer(cfg)
+    with FlopCounterMode(display=False) as counter:
+        m(torch.randn(2, 3, 4, 8, 12), torch.randn(2, 16, 32), torch.tensor([5, 6]))
+    want = costs.estimate_flops(cfg, 9, 64, 96, batch=2, text_len=16)["forward"]
+    assert counter.get_total_flops() == want
+
+
+def test_parameter_count_by_hand_matches_model():
+    for name, count in [("cogvideox-2b", 1_693_783_872), ("cogvideox-5b", 5_570_283_072)]:
+        assert sum(costs._param_counts(model.get_config(name))) == count
+
+
+def test_5b_training_memory_breakdown():
+    """49×480×720, bf16 base, checkpointing, batch 1, DualReal's 335.6M trainable parameters."""
+    cfg = model.get_config("cogvideox-5b")
+    mem = costs.estimate_training_memory(cfg, 49, 480, 720, trainable_params=335_600_000)
+    assert abs(mem.frozen_weights - 5_570_283_072 * 2) < 1
+    assert abs(mem.trainable_states - 335_600_000 * 16) < 1
+    assert abs(mem.checkpoints - 17_776 * 3072 * 2 * 42) < 1  # one bf16 (S, D) block input per block
+    without = costs.estimate_training_memory(cfg, 49, 480, 720, 335_600_000, grad_checkpointing=False)
+    assert without.total > 3 * mem.total, "checkpointing must be what makes 5B trainable on one GPU"
+    assert "total" in mem.table()
+
+
+def test_peak_table_lookup():
+    assert costs.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert costs.peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
+    assert costs.peak_tflops("Some CPU") is None
