@@ -68,7 +68,7 @@ CONFIGS = {
     # Small enough for a CPU forward in milliseconds; shaped like 5B (RoPE needs hd % 16 == 0).
     "tiny": TransformerConfig(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_embed_dim=32,
-        time_embed_dim=32, num_layers=2, sample_height=8, sample_width=8, max_text_seq_length=16,
+        time_embed_dim=32, num_layers=2, sample_height=8, sample_width=12, max_text_seq_length=16,
         use_rotary_positional_embeddings=True),
 }  # fmt: skip
 
