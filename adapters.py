@@ -17,9 +17,8 @@ normalized, AdaLN-modulated input h as its sub-layer, over text and video tokens
 is added to the sub-layer output before the AdaLN gate. That hook is model.py's extension point
 (`model.ext`, `ext.begin`, `ext.branch`); this file implements it.
 
-Our one deliberate departure from the official code: the official adapter returns x + Δ, so its
-blend adds 0.2·x to every sub-layer even at step 0. We add only Δ; with W_up = 0 the adapted model is
-exactly the base model at initialization (tests/test_adapters.py proves it).
+Our one deliberate departure from the official code, whose adapter returns x + Δ (adding 0.2·x to every
+sub-layer at step 0): we add only Δ, so at init the adapted model is exactly the base model (tested).
 
 Shapes: B batch, T = L + N tokens ([text; video], text first), D model width, d bottleneck width,
 E image-embedding width (e), n controller groups.
@@ -97,6 +96,7 @@ class DualAdapters(nn.Module):
         self.controller = StageBlender(dim, time_dim, ccfg) if cfg.controller else None
         self.groups = [group_of(i, num_layers, cfg.groups) for i in range(num_layers)]
         self.last_omega: torch.Tensor | None = None  # (B, n) of the latest forward, detached: for logs/plots
+        self.fixed_omega = 0.5  # ω when there is no controller
 
     def begin(self, tokens: torch.Tensor, temb: torch.Tensor, cond: torch.Tensor | None) -> Blend:
         """Once per forward: run the controller (eq. 7-12) on the block-0 tokens (B, T, D) and the
@@ -108,8 +108,8 @@ class DualAdapters(nn.Module):
             )
         if self.controller is not None:
             omega = self.controller(tokens, temb)  # (B, n)
-        else:  # --no-controller: identity and motion share the budget equally, always
-            omega = torch.full((batch, self.cfg.groups), 0.5, dtype=dtype, device=tokens.device)
+        else:  # --no-controller: a fixed share, 0.5 (--schedule isolated trains with 0, then 1)
+            omega = torch.full((batch, self.cfg.groups), self.fixed_omega, dtype=dtype, device=tokens.device)
         self.last_omega = omega.detach()
         return Blend(omega=omega, e=None if cond is None else cond.to(dtype))
 

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 
-def find_component(path: str, component: str) -> str:
+def find_component(path: str, component: str, config: str = "config.json") -> str:
     """Resolve `path` to the folder of one component, e.g. "transformer".
 
     `path` may be a checkpoint root holding `component/`, that folder itself, or a Hugging Face hub id.
     A hub id is downloaded with huggingface_hub, only that component, when no such local path exists.
+    The folder must hold `config` (the scheduler's is scheduler_config.json).
     """
     if not os.path.exists(path):
         if path.count("/") != 1 or path.startswith((".", "/")):
@@ -33,8 +34,8 @@ def find_component(path: str, component: str) -> str:
         path = snapshot_download(path, allow_patterns=[f"{component}/*"])
     sub = os.path.join(path, component)
     folder = sub if os.path.isdir(sub) else path
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder} has no config.json: expected a diffusers '{component}' folder "
+    if not os.path.isfile(os.path.join(folder, config)):
+        raise FileNotFoundError(f"{folder} has no {config}: expected a diffusers '{component}' folder "
                                 f"or a checkpoint root that holds one")  # fmt: skip
     return folder
 

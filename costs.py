@@ -115,3 +115,13 @@ def _param_counts(cfg) -> tuple[int, int]:
     block += d * 4 * d + 4 * d + 4 * d * d + d
     rest = p2 * d + d + cfg.text_embed_dim * d + d + d * e + e + e * e + e + 2 * d + e * 2 * d + 2 * d + 2 * d
     return cfg.num_layers * block, rest + d * p2 + p2
+
+
+def describe(model, counts: dict, flops: dict, mem: MemoryEstimate, batch: int) -> str:
+    """The run summary train.py prints: parameters, tokens per sample and the memory estimate."""
+    base = sum(p.numel() for p in model.parameters()) - counts["total"]
+    return (f"parameters: base {base:,} (frozen); trainable {counts['total']:,} = identity "
+            f"{counts['identity']:,} + motion {counts['motion']:,} + controller {counts['controller']:,}\n"
+            f"tokens per sample: identity {flops['identity']['tokens']:,}, motion "
+            f"{flops['motion']['tokens']:,}\n"
+            f"estimated peak memory of a motion step (batch {batch}):\n{mem.table()}")  # fmt: skip

@@ -1,0 +1,350 @@
+"""Train DualReal: identity and motion adapters plus the StageBlender on a frozen CogVideoX, jointly.
+
+    python train.py --subject DIR --motion CLIP.mp4 [--model tiny]      # one GPU (tiny: CPU, a minute)
+    torchrun --standalone --nproc_per_node=N train.py ...               # DDP
+
+Each step (paper eq. 4-6, METHOD.md §3):
+1. Draw the phase Z: motion with probability --motion-ratio, else identity. Every rank draws the same one.
+2. Take its cached data: subject images as 1-frame videos (e = None), or the clip with e = a frame's CLIP.
+3. Noise the latents at t ~ U{0..999} and regress the velocity (MSE).
+4. Backward, then set the inactive family's gradients to None: AdamW leaves it bitwise untouched.
+5. Clip the gradient norm to 1.0 and take an AdamW step (linear warmup, then cosine to 0).
+VAE latents, T5 and CLIP embeddings are computed once and cached; the encoders then leave the GPU.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import adapters
+import checkpoint
+import costs
+import data
+import diffusion
+import encoders
+import model as dit
+import vae as vae_lib
+from checkpoint import find_component as find
+
+# What --resume may change; any other difference means a different run.
+RESUMABLE = {"steps", "save_every", "val_every", "val_steps", "log_every", "resume", "overwrite", "compile"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train DualReal adapters on a frozen CogVideoX (see README).")
+    add = p.add_argument
+    add("--subject", required=True, help="folder of 3-10 subject photos (.jpg/.png/.webp)")
+    add("--motion", required=True, help="the motion clip (.mp4/.mov/...)")
+    add("--subject-prompt", default="a photo of a sks subject", help='e.g. "a sks dog"')
+    add("--motion-prompt", default="a video of the motion", help='e.g. "a ball bouncing on the floor"')
+    add("--val-prompt", default=None, help="validation prompt (default: the two prompts joined)")
+    add("--model", default="THUDM/CogVideoX-5b", help="hub id, checkpoint folder, or tiny (CPU)")
+    add("--clip-model", default=None, help=f"image encoder for e (default {encoders.CLIP_ID}; tiny for tiny)")
+    add("--output-dir", default="runs/dualreal")
+    add("--cache-dir", default=str(Path.home() / ".cache" / "dualreal"), help="cached latents and embeddings")
+    add("--steps", type=int, default=1000)
+    add("--lr", type=float, default=1e-3)
+    add("--warmup", type=int, default=200)
+    add("--weight-decay", type=float, default=1e-4)
+    add("--motion-ratio", type=float, default=0.5, help="P(motion step); 0.2: stochastic switching")
+    add("--subject-batch", type=int, default=1)
+    add("--motion-batch", type=int, default=3)
+    add("--seed", type=int, default=42)
+    add("--frames", type=int, default=49, help="clip frames, 4k+1")
+    add("--fps", type=float, default=8.0, help="sample the clip by timestamp at this rate")
+    add("--native-frames", action="store_true", help="official behaviour: consecutive native-rate frames")
+    add("--height", type=int, default=None, help="default: the model's (480; tiny 64)")
+    add("--width", type=int, default=None, help="default: the model's (720; tiny 96)")
+    add("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="frozen base; auto: bf16 on CUDA")
+    add("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    add("--overwrite", action="store_true", help="start over in an --output-dir that holds a run")
+    add("--save-every", type=int, default=250)
+    add("--val-every", type=int, default=500, help="validation video every N steps (0: none)")
+    add("--val-steps", type=int, default=50)
+    add("--log-every", type=int, default=10)
+    add("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    add("--adapter-width", type=int, default=64)
+    add("--adapter-scale", type=float, default=0.2)
+    add("--groups", type=int, default=7, help="ablation: controller weight groups n (1 = w/o weight groups)")
+    add("--no-controller", action="store_true", help="ablation: fixed blend ω = 0.5 (w/o StageBlender)")
+    add("--no-grad-mask", action="store_true", help="ablation: both families update every step")
+    add("--schedule", choices=["joint", "isolated"], default="joint", help="ablation: isolated = identity "
+        "steps, then motion steps, each without the other family (DreamVideo-style)")  # fmt: skip
+    add("--l2", type=float, default=0.0, help="λ of an L2 term on the active family")
+    return p.parse_args(argv)
+
+
+def setup(args, rank: int):
+    """Fill the defaults and check everything a user can get wrong, before anything is written."""
+    args.clip_model = args.clip_model or ("tiny" if args.model == "tiny" else encoders.CLIP_ID)
+    args.val_prompt = args.val_prompt or f"{args.subject_prompt}, {args.motion_prompt}"
+    if args.model == "tiny":
+        cfg = dit.get_config("tiny")
+    else:  # the config alone: sizes and text length are needed before any weights
+        folder = checkpoint.find_component(args.model, "transformer")
+        cfg = dit.config_from_json(checkpoint.read_config(folder), folder)
+    args.height, args.width = args.height or cfg.sample_height * 8, args.width or cfg.sample_width * 8
+    if not 0.0 <= args.motion_ratio <= 1.0:
+        raise ValueError(f"--motion-ratio must be in [0, 1], got {args.motion_ratio}")
+    positive = ("steps", "subject_batch", "motion_batch", "groups", "adapter_width", "log_every")
+    for flag in [f for f in positive if getattr(args, f) < 1]:
+        raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
+        raise ValueError(f"need 4k+1 --frames and --height, --width divisible by 16; got {args.frames} "
+                         f"frames of {args.height}x{args.width}")  # fmt: skip
+    config = Path(args.output_dir) / "config.json"
+    if config.is_file() and not args.overwrite:
+        if not args.resume:
+            raise ValueError(f"{args.output_dir} already holds a run: --resume it or --overwrite it")
+        old = json.loads(config.read_text())["args"]
+        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in vars(args).items() if old.get(k, v) != v]
+        diff = [d for d in diff if d.split()[0] not in RESUMABLE]
+        if diff:
+            raise ValueError(f"--resume: {args.output_dir} holds a different run ({'; '.join(diff)})")
+    images = data.load_images(args.subject, args.height, args.width)  # (N, H, W, 3) uint8
+    native = args.native_frames
+    clip, info = data.load_clip(args.motion, args.frames, args.fps, args.height, args.width, native=native)
+    if rank == 0:
+        print(f"subject: {len(images)} images from {args.subject}\nmotion: {info.describe()}")
+    return cfg, images, clip
+
+
+def precompute(args, cfg, images, clip, device, dtype) -> dict[str, torch.Tensor]:
+    """VAE posteriors, T5 and CLIP embeddings, cached by content and model id; encoders visit the GPU once."""
+    prompts = [args.subject_prompt, args.motion_prompt, args.val_prompt, ""]
+
+    def compute():
+        vae = vae_lib.load_vae(args.model, dtype, device)
+        subject = vae.encode_posterior(
+            data.to_float(images)[:, :, None]
+        )  # (N, 3, 1, H, W) -> (N, 1, C, h, w)
+        motion = vae.encode_posterior(
+            data.to_float(clip).transpose(0, 1)[None]
+        )  # (1, 3, T, H, W) -> (1, F..)
+        scale = torch.tensor(vae.config.scaling_factor)
+        del vae
+        text = encoders.load_text_encoder(args.model, dtype, device).encode(prompts, cfg.max_text_seq_length)
+        image_encoder = encoders.load_image_encoder(args.clip_model, dtype, device)
+        e_clip = image_encoder.embed(data.reference_frames(clip).permute(0, 3, 1, 2))  # (4, E): motion phase
+        e_subject = image_encoder.embed(images.permute(0, 3, 1, 2))  # (N, E): the reference at inference
+        del image_encoder
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        return dict(subject_mean=subject[0], subject_logvar=subject[1], clip_mean=motion[0], scale=scale,
+                    clip_logvar=motion[1], text=text, e_clip=e_clip, e_subject=e_subject)  # fmt: skip
+
+    files = sorted(p for p in Path(args.subject).iterdir() if p.suffix.lower() in data.IMAGE_EXTS)
+    sizes = [args.height, args.width, args.frames, args.fps, args.native_frames]
+    extra = json.dumps([prompts, sizes, str(dtype)])
+    key = data.cache_key([*files, args.motion], f"{args.model}|{args.clip_model}", extra)
+    return data.load_or_compute(args.cache_dir, key, compute)
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup from 0, then a cosine from lr down to 0 at --steps (official: cosine, one cycle)."""
+    if step < args.warmup:
+        return args.lr * step / args.warmup
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
+
+
+def phase_at(step: int, rng: random.Random, args) -> str:
+    """Z of eq. 4. joint: Bernoulli, the RNG seeded alike on every rank; isolated: identity, then motion."""
+    if args.schedule == "isolated":
+        return "identity" if step < round(args.steps * (1 - args.motion_ratio)) else "motion"
+    return "motion" if rng.random() < args.motion_ratio else "identity"
+
+
+def batch_for(phase: str, cache: dict, args, gen: torch.Generator):
+    """(clean latents z (B, F, C, h, w), text (B, L, D), e (B, E) or None), drawn with the CPU generator."""
+    if phase == "identity":
+        idx = torch.randint(len(cache["subject_mean"]), (args.subject_batch,), generator=gen)
+        mean, logvar, e = cache["subject_mean"][idx], cache["subject_logvar"][idx], None
+        text = cache["text"][0]  # the subject prompt
+    else:
+        n = args.motion_batch
+        mean, logvar = cache["clip_mean"].expand(n, -1, -1, -1, -1), cache["clip_logvar"]
+        text = cache["text"][1]  # the motion prompt
+        e = cache["e_clip"][
+            torch.randint(len(cache["e_clip"]), (n,), generator=gen)
+        ]  # a clip frame per sample
+    z = (
+        vae_lib.sample_posterior(mean, logvar.expand_as(mean), gen) * cache["scale"]
+    )  # a fresh posterior sample
+    return z, text.expand(len(z), -1, -1), e
+
+
+def save_checkpoint(out: Path, step: int, ext, opt, gen: torch.Generator, rng: random.Random) -> None:
+    """checkpoints/step_N.pt, atomically (temp file, then rename); older ones go; adapters.safetensors too."""
+    folder = out / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"step_{step:07d}.pt"
+    state = dict(step=step, adapters=ext.state_dict(), optimizer=opt.state_dict(), gen=gen.get_state(),
+                 phase_rng=rng.getstate(), torch_rng=torch.get_rng_state())  # fmt: skip
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    for old in folder.glob("step_*.pt"):
+        old.unlink() if old != path else None
+    adapters.save_adapters(ext, str(out / "adapters.safetensors"))
+
+
+def validate(step: int, model, vae, cache, schedule, args, latent_shape, device) -> None:
+    """A video of --val-prompt with the sampling machinery (DPM, CFG 6), e = the first subject image."""
+    dtype, gen = next(model.parameters()).dtype, torch.Generator().manual_seed(args.seed)
+    text = cache["text"].to(device, dtype)
+    e = cache["e_subject"][:1].to(device)
+    shape, steps = (1, *latent_shape), args.val_steps
+    latents = diffusion.sample(
+        model, schedule, text[2:3], text[3:4], shape, steps, generator=gen, cond=e, progress=False
+    )
+    video = vae.to(device).decode(latents)[0].transpose(0, 1)  # (T, 3, H, W)
+    vae.to("cpu")
+    data.write_video(Path(args.output_dir) / "samples" / f"step_{step:07d}.mp4", data.to_uint8(video))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    ddp = "RANK" in os.environ  # under torchrun: gloo on CPU, nccl on CUDA. The long timeout lets the
+    if ddp:  # other ranks wait while rank 0 renders a validation video.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    torch.cuda.set_device(device) if cuda else None
+    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else torch.float32
+    args.compile = cuda if args.compile is None else args.compile
+    try:  # a user's mistake: one line on stderr, exit code 2, nothing written
+        cfg, images, clip = setup(args, rank)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    train(args, cfg, images, clip, rank, world, device, dtype)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
+    out, master = Path(args.output_dir), rank == 0
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        for old in (out / "checkpoints").glob("step_*.pt") if args.overwrite else []:
+            old.unlink()
+        git = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+        versions = dict(torch=torch.__version__, transformers=__import__("transformers").__version__, git=git)
+        (out / "config.json.tmp").write_text(json.dumps(dict(args=vars(args), versions=versions), indent=2))
+        os.replace(out / "config.json.tmp", out / "config.json")  # atomic: all arguments and versions
+        cache = precompute(args, cfg, images, clip, device, dtype)
+    if world > 1:
+        dist.barrier()  # rank 0 has filled the cache; the others read it
+    cache = cache if master else precompute(args, cfg, images, clip, device, dtype)
+    scheduler = None if args.model == "tiny" else find(args.model, "scheduler", "scheduler_config.json")
+    schedule = diffusion.load_schedule(scheduler)
+
+    model = dit.load_transformer(args.model, dtype, device)
+    model.grad_checkpointing = args.grad_checkpointing
+    isolated = args.schedule == "isolated"  # DreamVideo-style: no controller, the other family switched off
+    acfg = adapters.AdapterConfig(args.adapter_width, cache["e_clip"].shape[1], args.adapter_scale,
+                                  args.groups, controller=not (args.no_controller or isolated))  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)  # the same adapter init on every rank and in every run
+        ext = adapters.attach(model, acfg)
+    for block in model.blocks if args.compile else []:
+        block.compile()  # in place, per block: saved keys carry no _orig_mod. prefix
+    net = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    opt = torch.optim.AdamW(ext.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed + rank)  # this rank's data, posterior and noise draws
+    rng, start = random.Random(args.seed), 0  # the phase sequence: identical on every rank
+    ckpts = sorted((out / "checkpoints").glob("step_*.pt")) if args.resume else []
+    if ckpts:
+        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+        ext.load_state_dict(state["adapters"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["gen"]), rng.setstate(state["phase_rng"]), torch.set_rng_state(state["torch_rng"])
+        start = state["step"]  # the lr schedule and the phase sequence continue from here
+        print(f"resumed from {ckpts[-1]} at step {start}") if master else None
+
+    vae = vae_lib.load_vae(args.model, dtype, "cpu") if args.val_every and master else None
+    latent_shape = (cache["clip_mean"].shape[1], cfg.in_channels, args.height // 8, args.width // 8)
+    kw = dict(adapter_width=args.adapter_width, grad_checkpointing=args.grad_checkpointing)
+    h, w = args.height, args.width
+    flops = dict(identity=costs.estimate_flops(cfg, 1, h, w, args.subject_batch, **kw),
+                 motion=costs.estimate_flops(cfg, args.frames, h, w, args.motion_batch, **kw))  # fmt: skip
+    peak = costs.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if master:
+        n = adapters.count_parameters(ext)
+        mem = costs.estimate_training_memory(cfg, args.frames, h, w, n["total"], args.motion_batch,
+                                             dtype.itemsize, **kw)  # fmt: skip
+        summary = costs.describe(model, n, flops, mem, args.motion_batch)
+        print(f"device {device} x{world}, base {dtype}, compile {args.compile}\n{summary}")
+
+    ema, seen, window = {}, set(), [0, 0.0, 0.0]  # EMA loss per phase; phases already run; [steps, s, FLOPs]
+    log = (out / "log.jsonl").open("a") if master else None
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc="train")
+    t_prev = time.perf_counter()
+    for step in bar:
+        phase = phase_at(step, rng, args)
+        ext.fixed_omega = (1.0 if phase == "motion" else 0.0) if isolated else 0.5
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        z, text, e = batch_for(phase, cache, args, gen)
+        t = torch.randint(0, 1000, (len(z),), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        z, noise, t, text = z.to(device), noise.to(device), t.to(device), text.to(device, dtype)
+        e = None if e is None else e.to(device)
+        pred = net(schedule.add_noise(z, noise, t).to(dtype), text, t, cond=e)
+        loss = F.mse_loss(pred.float(), schedule.velocity(z, noise, t).float())
+        loss = loss + adapters.l2_penalty(ext, phase, args.l2)
+        value = loss.item()  # the step's one host sync: a NaN must stop the run before it reaches the weights
+        if not math.isfinite(value):
+            print(f"error: loss is {value} at step {step} ({phase}); stopped, the last checkpoint is kept")
+            sys.exit(1)
+        loss.backward()
+        adapters.mask_gradients(ext, phase, enabled=not args.no_grad_mask)
+        torch.nn.utils.clip_grad_norm_(ext.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        now, done = time.perf_counter(), step + 1
+        if phase in seen:
+            window = [window[0] + 1, window[1] + now - t_prev, window[2] + flops[phase]["train_step"]]
+        elif master:  # a phase's first step includes torch.compile and warm-up: reported on its own
+            tqdm.write(f"first {phase} step (compile and warm-up included): {now - t_prev:.2f} s")
+        seen.add(phase)
+        ema[phase] = value if phase not in ema else 0.9 * ema[phase] + 0.1 * value
+        bar.set_postfix({"phase": phase, **{f"{k} loss": f"{v:.4f}" for k, v in ema.items()}})
+        if master and (done % args.log_every == 0 or done == args.steps):
+            rec = dict(step=done, phase=phase, loss=value, ema=dict(ema), lr=lr_at(step, args),
+                       omega=ext.last_omega.mean(0).tolist())  # fmt: skip
+            if window[0]:
+                rec |= dict(step_time=window[1] / window[0], tflops_per_s=window[2] / window[1] / 1e12)
+                rec["mfu"] = rec["tflops_per_s"] / peak if peak else None
+            if device.type == "cuda":
+                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            window = [0, 0.0, 0.0]
+        if master and (done % args.save_every == 0 or done == args.steps):
+            save_checkpoint(out, done, ext, opt, gen, rng)
+        if args.val_every and (done % args.val_every == 0 or done == args.steps):
+            if master:
+                validate(done, model, vae, cache, schedule, args, latent_shape, device)
+            if world > 1:
+                dist.barrier()
+        t_prev = time.perf_counter()  # saving and validating are not training time
+
+
+if __name__ == "__main__":
+    main()
