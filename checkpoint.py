@@ -31,7 +31,10 @@ def find_component(path: str, component: str, config: str = "config.json") -> st
                                     f"THUDM/CogVideoX-5b, or 'tiny'")  # fmt: skip
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(path, allow_patterns=[f"{component}/*"])
+        try:
+            path = snapshot_download(path, allow_patterns=[f"{component}/*"])
+        except Exception as err:  # offline, unknown repo, no access: all mean "cannot get it"
+            raise FileNotFoundError(f"cannot download {component}/ of {path} from the hub: {err}") from None
     sub = os.path.join(path, component)
     folder = sub if os.path.isdir(sub) else path
     if not os.path.isfile(os.path.join(folder, config)):

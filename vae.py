@@ -17,8 +17,6 @@ Shape legend: B batch, C channels, T video frames, F latent frames, H W height a
 Inside the networks tensors are (B, C, T, H, W); latents in and out are (B, F, C, h, w), as in model.py.
 """
 
-import json
-import re
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -26,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file
 from torch import Tensor, nn
+
+import checkpoint
 
 ENCODE_FRAMES = 8  # diffusers encodes 8 frames per chunk; the remainder (the first frame) joins chunk 0
 DECODE_LATENTS = 2  # and decodes 2 latent frames per chunk, the remainder again in chunk 0
@@ -340,61 +339,19 @@ class CogVideoXVAE(nn.Module):
         return x.to(weight.device, weight.dtype)
 
 
-def _find_folder(path: str | Path) -> Path:
-    """A checkpoint root holding vae/, the vae/ folder itself, or a hub id (downloads vae/* only)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        if not re.fullmatch(r"\w[\w.-]*/[\w.-]+", str(path)):
-            raise FileNotFoundError(f"VAE path {path} does not exist (give a folder, a hub id or tiny)")
-        from huggingface_hub import snapshot_download  # only needed for hub ids
-
-        try:
-            p = Path(snapshot_download(str(path), allow_patterns=["vae/*"]))
-        except Exception as e:  # offline, unknown repo, no access: all mean "cannot get it"
-            raise FileNotFoundError(f"cannot download VAE {path} from the hub: {e}") from None
-    for folder in (p / "vae", p):
-        if (folder / "config.json").is_file():
-            return folder
-    raise FileNotFoundError(f"{p} holds neither vae/config.json nor config.json: not a CogVideoX checkpoint")
-
-
-def _read_weights(folder: Path, dtype: torch.dtype, device: str | torch.device) -> dict[str, Tensor]:
-    """The tensors of the VAE's single safetensors file, memory-mapped, then cast to dtype on device."""
-    file = folder / "diffusion_pytorch_model.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"missing VAE weights file {file}")
-    try:
-        tensors = load_file(file)  # memory-mapped: only the cast below copies
-    except Exception as e:  # safetensors' own error type for a bad header or a short file
-        raise ValueError(f"{file} is truncated or corrupt ({e}); download it again") from None
-    return {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
-
-
-def check_state_dict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """One error naming every missing, unexpected and wrongly shaped key; never load partially."""
-    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in state.items()}
-    bad = {"missing": sorted(want.keys() - have.keys()), "unexpected": sorted(have.keys() - want.keys())}
-    bad["wrong shape"] = [f"{k} {s} != {want[k]}" for k, s in sorted(have.items()) if s != want.get(k, s)]
-    found = [f"{kind} ({len(keys)}): {', '.join(keys[:6])}" for kind, keys in bad.items() if keys]
-    if found:
-        raise ValueError(f"VAE weights in {source} do not match its config.json: " + "; ".join(found))
-
-
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a CogVideoX VAE (see _find_folder; "tiny" = seeded random). Returned frozen, in eval mode."""
+    """Load a CogVideoX VAE: "tiny" (seeded random), a checkpoint root holding vae/, the vae/ folder, or a hub
+    id. Strict, memory-mapped loading through checkpoint.py. Returned frozen, in eval mode."""
     if str(path) == "tiny":
         with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
             torch.manual_seed(0)
             vae = CogVideoXVAE(CONFIGS["tiny"])
         return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    folder = _find_folder(path)
-    raw = json.loads((folder / "config.json").read_text())  # missing fields keep VAEConfig's defaults
+    folder = checkpoint.find_component(str(path), "vae")
+    raw = checkpoint.read_config(folder)  # missing fields keep VAEConfig's defaults
     known = {f.name for f in fields(VAEConfig)}
     config = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known})
     with torch.device("meta"):  # no memory, no init: every tensor comes from the checkpoint
         vae = CogVideoXVAE(config)
-    state = _read_weights(folder, dtype, device)
-    check_state_dict(vae, state, str(folder))
-    vae.load_state_dict(state, assign=True)
+    checkpoint.assign_strict(vae, checkpoint.read_safetensors(folder), folder, device, dtype)
     return vae.eval().requires_grad_(False)
