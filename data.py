@@ -56,7 +56,7 @@ def resize_crop(image: np.ndarray, height: int, width: int) -> Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)  # clamp: bicubic overshoots
 
 
-def _display_rgb(frame: av.VideoFrame) -> np.ndarray:
+def display_rgb(frame: av.VideoFrame) -> np.ndarray:
     """Decoded frame (any pixel format; alpha dropped) -> uint8 (h, w, 3) RGB, upright. `frame.rotation`: the
     display matrix's CCW angle (mp4 tkhd, JPEG EXIF; sign tested against both). Mirroring is ignored."""
     rgb = frame.to_ndarray(format="rgb24")
@@ -79,7 +79,7 @@ def load_images(folder: str | Path, height: int = 480, width: int = 720) -> Tens
     for path in files:
         try:
             with av.open(str(path)) as container:
-                images.append(resize_crop(_display_rgb(next(container.decode(video=0))), height, width))
+                images.append(resize_crop(display_rgb(next(container.decode(video=0))), height, width))
         except (av.FFmpegError, StopIteration, IndexError) as e:  # IndexError: no video stream at all
             warnings.warn(f"skipping {path}: not a decodable image ({type(e).__name__}: {e})", stacklevel=2)
     if not images:
@@ -143,7 +143,7 @@ def load_clip(
             raise ValueError(f"cannot decode {path}: {e} (re-encode it, e.g. to H.264 mp4)") from None
         if not picked:
             raise ValueError(f"{path} has a video stream but zero decodable frames")
-        converted = {id(f): resize_crop(_display_rgb(f), height, width) for _, f in picked}  # once per frame
+        converted = {id(f): resize_crop(display_rgb(f), height, width) for _, f in picked}  # once per frame
     frames = torch.stack([converted[id(f)] for _, f in picked])  # (num_frames, H, W, 3)
     info = ClipInfo(str(path), src_fps, duration, None if native else fps, [t for t, _ in picked], repeated)
     if repeated:

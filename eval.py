@@ -131,7 +131,7 @@ def read_video(path: Path, limit: int | None = None) -> tuple[torch.Tensor, floa
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            frames = [data._display_rgb(f).copy() for f in islice(container.decode(stream), limit)]
+            frames = [data.display_rgb(f).copy() for f in islice(container.decode(stream), limit)]
             fps = float(stream.average_rate or stream.guessed_rate or 8)
     except (av.FFmpegError, IndexError) as e:  # IndexError: no video stream
         raise ValueError(f"cannot decode {path} ({type(e).__name__}: {e})") from None
