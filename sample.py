@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 import adapters
+import checkpoint
 import data
 import diffusion
 import encoders
@@ -68,16 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_schedule(name: str) -> diffusion.Schedule:
-    """The checkpoint's scheduler/scheduler_config.json (for a hub id, only that file is downloaded)."""
-    if name != "tiny" and not Path(name).exists():
-        from huggingface_hub import hf_hub_download
-
-        try:
-            name = hf_hub_download(name, "scheduler_config.json", subfolder="scheduler")
-        except Exception as err:  # offline, unknown repository, no access: all mean "cannot get it"
-            raise FileNotFoundError(f"no checkpoint '{name}': no such folder, and the hub did not give it "
-                                    f"({type(err).__name__}: a wrong id, or offline?)") from None  # fmt: skip
-    return diffusion.load_schedule(None if name == "tiny" else name)  # tiny: CogVideoX-5B's (SNR shift 1)
+    """The checkpoint's scheduler/scheduler_config.json (a hub id downloads only that folder); tiny: 5B's."""
+    if name == "tiny":
+        return diffusion.load_schedule(None)  # CogVideoX-5B's schedule (SNR shift 1)
+    return diffusion.load_schedule(checkpoint.find_component(name, "scheduler", "scheduler_config.json"))
 
 
 def check_output(out: str) -> Path:

@@ -165,7 +165,7 @@ BAD = {  # name -> (extra arguments, given the `inputs` paths; a phrase the one-
     "out not mp4": (lambda p: ["--out", str(p["dir"] / "video.avi")], ".mp4"),
     "out unwritable": (lambda p: ["--out", str(p["dir"] / "file" / "x.mp4")], "cannot write"),
     "unknown device": (lambda p: ["--device", "tpu"], "--device tpu"),
-    "no checkpoint": (lambda p: ["--model", str(p["dir"] / "missing")], "no checkpoint"),
+    "no checkpoint": (lambda p: ["--model", str(p["dir"] / "missing")], "no folder"),
     "reference alone": (lambda p: ["--reference", str(IMAGE)], "--adapters and --reference"),
     "adapters alone": (lambda p: ["--adapters", str(p["good"])], "--adapters and --reference"),
     "adapters missing": (lambda p: ["--adapters", str(p["dir"] / "no.safetensors"), "--reference",
