@@ -40,7 +40,8 @@ import vae as vae_lib
 from checkpoint import find_component as find
 
 # What --resume may change; any other difference means a different run.
-RESUMABLE = {"steps", "save_every", "val_every", "val_steps", "log_every", "resume", "overwrite", "compile"}
+RESUMABLE = {"steps", "save_every", "val_every", "val_steps", "log_every", "resume", "overwrite", "compile",
+             "cache_dir"}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -142,7 +143,8 @@ def precompute(args, cfg, images, clip, device, dtype) -> dict[str, torch.Tensor
         e_clip = image_encoder.embed(data.reference_frames(clip).permute(0, 3, 1, 2))  # (4, E): motion phase
         e_subject = image_encoder.embed(images.permute(0, 3, 1, 2))  # (N, E): the reference at inference
         del image_encoder
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return dict(subject_mean=subject[0], subject_logvar=subject[1], clip_mean=motion[0], scale=scale,
                     clip_logvar=motion[1], text=text, e_clip=e_clip, e_subject=e_subject)  # fmt: skip
 
@@ -177,12 +179,8 @@ def batch_for(phase: str, cache: dict, args, gen: torch.Generator):
         n = args.motion_batch
         mean, logvar = cache["clip_mean"].expand(n, -1, -1, -1, -1), cache["clip_logvar"]
         text = cache["text"][1]  # the motion prompt
-        e = cache["e_clip"][
-            torch.randint(len(cache["e_clip"]), (n,), generator=gen)
-        ]  # a clip frame per sample
-    z = (
-        vae_lib.sample_posterior(mean, logvar.expand_as(mean), gen) * cache["scale"]
-    )  # a fresh posterior sample
+        e = cache["e_clip"][torch.randint(len(cache["e_clip"]), (n,), generator=gen)]  # a frame per sample
+    z = vae_lib.sample_posterior(mean, logvar.expand_as(mean), gen) * cache["scale"]  # fresh posterior draw
     return z, text.expand(len(z), -1, -1), e
 
 
@@ -195,8 +193,8 @@ def save_checkpoint(out: Path, step: int, ext, opt, gen: torch.Generator, rng: r
                  phase_rng=rng.getstate(), torch_rng=torch.get_rng_state())  # fmt: skip
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
-    for old in folder.glob("step_*.pt"):
-        old.unlink() if old != path else None
+    for old in set(folder.glob("step_*.pt")) - {path}:
+        old.unlink()
     adapters.save_adapters(ext, str(out / "adapters.safetensors"))
 
 
@@ -205,10 +203,8 @@ def validate(step: int, model, vae, cache, schedule, args, latent_shape, device)
     dtype, gen = next(model.parameters()).dtype, torch.Generator().manual_seed(args.seed)
     text = cache["text"].to(device, dtype)
     e = cache["e_subject"][:1].to(device)
-    shape, steps = (1, *latent_shape), args.val_steps
-    latents = diffusion.sample(
-        model, schedule, text[2:3], text[3:4], shape, steps, generator=gen, cond=e, progress=False
-    )
+    latents = diffusion.sample(model, schedule, text[2:3], text[3:4], (1, *latent_shape), args.val_steps,
+                               generator=gen, cond=e, progress=False)  # fmt: skip
     video = vae.to(device).decode(latents)[0].transpose(0, 1)  # (T, 3, H, W)
     vae.to("cpu")
     data.write_video(Path(args.output_dir) / "samples" / f"step_{step:07d}.mp4", data.to_uint8(video))
@@ -222,7 +218,8 @@ def main(argv=None) -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    torch.cuda.set_device(device) if cuda else None
+    if cuda:
+        torch.cuda.set_device(device)
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else torch.float32
     args.compile = cuda if args.compile is None else args.compile
     try:  # a user's mistake: one line on stderr, exit code 2, nothing written
@@ -272,9 +269,12 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
         ext.load_state_dict(state["adapters"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["gen"]), rng.setstate(state["phase_rng"]), torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["gen"])
+        rng.setstate(state["phase_rng"])
+        torch.set_rng_state(state["torch_rng"])
         start = state["step"]  # the lr schedule and the phase sequence continue from here
-        print(f"resumed from {ckpts[-1]} at step {start}") if master else None
+        if master:
+            print(f"resumed from {ckpts[-1]} at step {start}")
 
     vae = vae_lib.load_vae(args.model, dtype, "cpu") if args.val_every and master else None
     latent_shape = (cache["clip_mean"].shape[1], cfg.in_channels, args.height // 8, args.width // 8)

@@ -116,6 +116,23 @@ def test_masking_in_the_real_loop(tmp_path, cache_dir, monkeypatch):
         assert not all(torch.equal(a, b) for a, b in zip(before[phase], after[phase])), f"{phase} stuck"
 
 
+def test_isolated_schedule_trains_identity_then_motion_alone(tmp_path, cache_dir, monkeypatch):
+    """--schedule isolated (w/o dual-aware adaptation): a block of identity steps with the motion family
+    switched off (ω = 0), then motion steps with the identity family off (ω = 1); no controller."""
+    seen, mask = [], adapters.mask_gradients
+
+    def spy(ext, phase, enabled=True):
+        mask(ext, phase, enabled)
+        seen.append((phase, ext.controller, ext.last_omega.clone()))
+
+    monkeypatch.setattr(adapters, "mask_gradients", spy)
+    run(tmp_path / "run", cache_dir, "--steps", "6", "--schedule", "isolated", "--warmup", "0")
+    assert [phase for phase, *_ in seen] == ["identity"] * 3 + ["motion"] * 3
+    assert all(controller is None for _, controller, _ in seen)
+    for phase, _, omega in seen:
+        assert torch.equal(omega, torch.full_like(omega, 1.0 if phase == "motion" else 0.0)), phase
+
+
 def test_ddp_two_processes_share_phases_and_weights(tmp_path):
     """torchrun, 2 gloo processes: the same phase sequence and identical adapter weights on both ranks."""
     probe = tmp_path / "probe.py"
