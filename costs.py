@@ -124,4 +124,5 @@ def describe(model, counts: dict, flops: dict, mem: MemoryEstimate, batch: int) 
             f"{counts['identity']:,} + motion {counts['motion']:,} + controller {counts['controller']:,}\n"
             f"tokens per sample: identity {flops['identity']['tokens']:,}, motion "
             f"{flops['motion']['tokens']:,}\n"
-            f"estimated peak memory of a motion step (batch {batch}):\n{mem.table()}")  # fmt: skip
+            f"estimated peak memory of a motion step, {batch} clip(s) per forward:\n"
+            f"{mem.table()}")  # fmt: skip

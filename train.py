@@ -7,12 +7,13 @@ Each step (paper eq. 4-6, METHOD.md §3):
 1. Draw the phase Z: motion with probability --motion-ratio, else identity. Every rank draws the same one.
 2. Take its cached data: subject images as 1-frame videos (e = None), or the clip with e = a frame's CLIP.
 3. Noise the latents at t ~ U{0..999} and regress the velocity (MSE).
-4. Backward, then set the inactive family's gradients to None: AdamW leaves it bitwise untouched.
+4. Backward (in slices with --micro-batch), then the inactive family's gradients -> None: AdamW leaves it be.
 5. Clip the gradient norm to 1.0 and take an AdamW step (linear warmup, then cosine to 0).
 VAE latents, T5 and CLIP embeddings are computed once and cached; the encoders then leave the GPU.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from checkpoint import find_component as find
 
 # What --resume may change; any other difference means a different run.
 RESUMABLE = {"steps", "save_every", "val_every", "val_steps", "log_every", "resume", "overwrite", "compile",
-             "cache_dir"}  # fmt: skip
+             "cache_dir", "micro_batch"}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--motion-ratio", type=float, default=0.5, help="P(motion step); 0.2: stochastic switching")
     add("--subject-batch", type=int, default=1)
     add("--motion-batch", type=int, default=3)
+    add("--micro-batch", type=int, default=None, help="accumulate gradients over slices this size")
     add("--seed", type=int, default=42)
     add("--frames", type=int, default=49, help="clip frames, 4k+1")
     add("--fps", type=float, default=8.0, help="sample the clip by timestamp at this rate")
@@ -101,8 +103,8 @@ def setup(args, rank: int):
     args.height, args.width = args.height or cfg.sample_height * 8, args.width or cfg.sample_width * 8
     if not 0.0 <= args.motion_ratio <= 1.0:
         raise ValueError(f"--motion-ratio must be in [0, 1], got {args.motion_ratio}")
-    positive = ("steps", "subject_batch", "motion_batch", "groups", "adapter_width", "log_every")
-    for flag in [f for f in positive if getattr(args, f) < 1]:
+    positive = "steps subject_batch motion_batch micro_batch groups adapter_width log_every".split()
+    for flag in [f for f in positive if getattr(args, f) is not None and getattr(args, f) < 1]:
         raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
         raise ValueError(f"need 4k+1 --frames and --height, --width divisible by 16; got {args.frames} "
@@ -130,12 +132,8 @@ def precompute(args, cfg, images, clip, device, dtype) -> dict[str, torch.Tensor
 
     def compute():
         vae = vae_lib.load_vae(args.model, dtype, device)
-        subject = vae.encode_posterior(
-            data.to_float(images)[:, :, None]
-        )  # (N, 3, 1, H, W) -> (N, 1, C, h, w)
-        motion = vae.encode_posterior(
-            data.to_float(clip).transpose(0, 1)[None]
-        )  # (1, 3, T, H, W) -> (1, F..)
+        subject = vae.encode_posterior(data.to_float(images)[:, :, None])  # -> (N, 1, C, h, w)
+        motion = vae.encode_posterior(data.to_float(clip).transpose(0, 1)[None])  # -> (1, F, C, h, w)
         scale = torch.tensor(vae.config.scaling_factor)
         del vae
         text = encoders.load_text_encoder(args.model, dtype, device).encode(prompts, cfg.max_text_seq_length)
@@ -201,8 +199,7 @@ def save_checkpoint(out: Path, step: int, ext, opt, gen: torch.Generator, rng: r
 def validate(step: int, model, vae, cache, schedule, args, latent_shape, device) -> None:
     """A video of --val-prompt with the sampling machinery (DPM, CFG 6), e = the first subject image."""
     dtype, gen = next(model.parameters()).dtype, torch.Generator().manual_seed(args.seed)
-    text = cache["text"].to(device, dtype)
-    e = cache["e_subject"][:1].to(device)
+    text, e = cache["text"].to(device, dtype), cache["e_subject"][:1].to(device)
     latents = diffusion.sample(model, schedule, text[2:3], text[3:4], (1, *latent_shape), args.val_steps,
                                generator=gen, cond=e, progress=False)  # fmt: skip
     video = vae.to(device).decode(latents)[0].transpose(0, 1)  # (T, 3, H, W)
@@ -285,9 +282,9 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
     peak = costs.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if master:
         n = adapters.count_parameters(ext)
-        mem = costs.estimate_training_memory(cfg, args.frames, h, w, n["total"], args.motion_batch,
-                                             dtype.itemsize, **kw)  # fmt: skip
-        summary = costs.describe(model, n, flops, mem, args.motion_batch)
+        micro = min(args.micro_batch or args.motion_batch, args.motion_batch)  # clips in one forward
+        mem = costs.estimate_training_memory(cfg, args.frames, h, w, n["total"], micro, dtype.itemsize, **kw)
+        summary = costs.describe(model, n, flops, mem, micro)
         print(f"device {device} x{world}, base {dtype}, compile {args.compile}\n{summary}")
 
     ema, seen, window = {}, set(), [0, 0.0, 0.0]  # EMA loss per phase; phases already run; [steps, s, FLOPs]
@@ -302,16 +299,19 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         z, text, e = batch_for(phase, cache, args, gen)
         t = torch.randint(0, 1000, (len(z),), generator=gen)
         noise = torch.randn(z.shape, generator=gen)
-        z, noise, t, text = z.to(device), noise.to(device), t.to(device), text.to(device, dtype)
-        e = None if e is None else e.to(device)
-        pred = net(schedule.add_noise(z, noise, t).to(dtype), text, t, cond=e)
-        loss = F.mse_loss(pred.float(), schedule.velocity(z, noise, t).float())
-        loss = loss + adapters.l2_penalty(ext, phase, args.l2)
-        value = loss.item()  # the step's one host sync: a NaN must stop the run before it reaches the weights
-        if not math.isfinite(value):
-            print(f"error: loss is {value} at step {step} ({phase}); stopped, the last checkpoint is kept")
-            sys.exit(1)
-        loss.backward()
+        n, micro, value = len(z), args.micro_batch or len(z), 0.0
+        for i in range(0, n, micro):  # slices of the batch; each backward adds its share of the gradient
+            zi, ni, ti, ci = (x[i : i + micro].to(device) for x in (z, noise, t, text))
+            ei = None if e is None else e[i : i + micro].to(device)
+            with contextlib.nullcontext() if world == 1 or i + micro >= n else net.no_sync():  # 1 all-reduce
+                pred = net(schedule.add_noise(zi, ni, ti).to(dtype), ci.to(dtype), ti, cond=ei)
+                loss = F.mse_loss(pred.float(), schedule.velocity(zi, ni, ti).float()) * (len(zi) / n)
+                loss = loss + (adapters.l2_penalty(ext, phase, args.l2) if i == 0 else 0.0)
+                value += loss.item()  # one host sync per slice: a NaN must stop the run before the weights
+                if not math.isfinite(value):
+                    print(f"error: loss is {value} at step {step} ({phase}); stopped, last checkpoint kept")
+                    sys.exit(1)
+                loss.backward()
         adapters.mask_gradients(ext, phase, enabled=not args.no_grad_mask)
         torch.nn.utils.clip_grad_norm_(ext.parameters(), 1.0)
         opt.step()

@@ -116,6 +116,46 @@ def test_masking_in_the_real_loop(tmp_path, cache_dir, monkeypatch):
         assert not all(torch.equal(a, b) for a, b in zip(before[phase], after[phase])), f"{phase} stuck"
 
 
+def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, cache_dir, monkeypatch, capsys):
+    """--micro-batch 1 runs each motion batch of 3 as 3 forward/backward slices. The accumulated gradient is
+    the whole batch's up to summation order: on the first motion step (identical weights before it) the
+    gradients agree to 1e-5 of their scale; the identity steps before it, one slice either way, bitwise."""
+    mask, mse = adapters.mask_gradients, torch.nn.functional.mse_loss
+
+    def record(grads, forwards):
+        def spy(ext, phase, enabled=True):
+            mask(ext, phase, enabled)
+            grads.append((phase, [p.grad.clone() for p in ext.parameters() if p.grad is not None]))
+
+        def counted(*a, **k):
+            forwards.append(len(a[0]))
+            return mse(*a, **k)
+
+        monkeypatch.setattr(adapters, "mask_gradients", spy)
+        monkeypatch.setattr(train.F, "mse_loss", counted)
+
+    runs = {}
+    for name, extra in (("whole", []), ("micro", ["--micro-batch", "1"])):
+        runs[name] = [], []
+        record(*runs[name])
+        run(tmp_path / name, cache_dir, "--steps", "6", "--lr", "1e-2", "--warmup", "0", *extra)
+        clips = 1 if extra else 3  # the startup memory estimate is for what one forward holds
+        assert f"motion step, {clips} clip(s) per forward" in capsys.readouterr().out
+    (whole, whole_fwd), (micro, micro_fwd) = runs["whole"], runs["micro"]
+    phases = [p for p, _ in whole]
+    assert phases == [p for p, _ in micro] and "motion" in phases
+    assert whole_fwd == [3 if p == "motion" else 1 for p in phases] and set(micro_fwd) == {1}
+    assert len(micro_fwd) == sum(whole_fwd), "each motion step must run 3 slices of 1"
+    first = phases.index("motion")
+    for (_, a), (_, b) in zip(whole[:first], micro[:first]):
+        assert all(torch.equal(ga, gb) for ga, gb in zip(a, b))
+    (_, a), (_, b) = whole[first], micro[first]
+    assert len(a) == len(b) > 0
+    for ga, gb in zip(a, b):
+        assert not torch.equal(ga, torch.zeros_like(ga)) or torch.equal(gb, ga)
+        assert (ga - gb).abs().max().item() <= 1e-5 * ga.abs().max().item(), "accumulated != whole batch"
+
+
 def test_isolated_schedule_trains_identity_then_motion_alone(tmp_path, cache_dir, monkeypatch):
     """--schedule isolated (w/o dual-aware adaptation): a block of identity steps with the motion family
     switched off (ω = 0), then motion steps with the identity family off (ω = 1); no controller."""
@@ -134,7 +174,8 @@ def test_isolated_schedule_trains_identity_then_motion_alone(tmp_path, cache_dir
 
 
 def test_ddp_two_processes_share_phases_and_weights(tmp_path):
-    """torchrun, 2 gloo processes: the same phase sequence and identical adapter weights on both ranks."""
+    """torchrun, 2 gloo processes: the same phase sequence and identical adapter weights on both ranks.
+    --micro-batch 1: motion steps run 3 slices, the first two under no_sync(), all-reduced once at the end."""
     probe = tmp_path / "probe.py"
     probe.write_text(f"""
 import hashlib, json, os, sys
@@ -156,7 +197,7 @@ json.dump(log, open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*torchrun, str(probe), *SMALL, "--subject", str(SUBJECT), "--motion", str(MOTION), "--output-dir",
            str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "6", "--lr", "1e-2",
-           "--warmup", "0"]  # fmt: skip
+           "--warmup", "0", "--micro-batch", "1"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -214,6 +255,7 @@ def bad_inputs(tmp: Path) -> dict:
         "motion cannot be decoded": (["--motion", str(tmp / "cut.mp4")], "cannot|zero decodable|not a video"),
         "motion ratio": (["--motion-ratio", "1.5"], r"--motion-ratio must be in \[0, 1\]"),
         "steps": (["--steps", "0"], "--steps must be >= 1"),
+        "micro batch": (["--micro-batch", "0"], "--micro-batch must be >= 1"),
         "frames": (["--frames", "10"], "4k\\+1"),
     }
 
