@@ -1,8 +1,7 @@
-"""Benchmarks: speed and memory of model.py and vae.py against the reference, diffusers, and costs.py's
-analytic FLOPs and training memory of cogvideox-5b.
+"""Benchmarks: speed and memory of model.py and vae.py against diffusers (the reference, imported here and in
+tests/, never by the runtime), and costs.py's analytic FLOPs and training memory of cogvideox-5b.
 
-    python bench.py                    # every row, on the CPU, printed as a table (about 4 min on 2 cores)
-    python bench.py --json out.json    # the same, plus every number as JSON
+    python bench.py [--json out.json]  # every row on the CPU as a table (about 4 min on 2 cores) [and JSON]
     python bench.py vae-memory         # our full-size VAE, frame-chunked vs whole-clip peak memory (slow)
 
 Both sides get the same config, weights and inputs, fp32. Time: a warm-up call each, then rounds of one call
@@ -10,8 +9,7 @@ per side in rotating order (other processes' load hits all sides); a ratio is th
 Memory: one call in a fresh interpreter, glibc mmapping blocks >= 64 KiB so freed tensors leave the RSS at
 once: peak RSS minus RSS before. The transformer step is out.square().mean().backward() with frozen weights,
 gradient w.r.t. the latents (DualReal backprops through a frozen base into adapters). diffusers gets RoPE
-tables from its pipeline outside the timed call; ours builds them in forward. diffusers is the test oracle:
-imported here and in tests/, never by the runtime.
+tables from its pipeline outside the timed call; ours builds them in forward.
 """
 
 import argparse
@@ -142,6 +140,17 @@ def compare(calls: dict, rounds: int, **memory_spec) -> dict:
     return dict(seconds=seconds, ratio=ratio, peak_mib=peak, busy=busy, times=times)
 
 
+def kernel_share(step, steps: int = 3) -> float:
+    """Share of the wall time of `steps` calls in matmul and SDPA kernels; diffusers': our ratio's floor."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - start
+    fixed = [e for e in prof.key_averages() if re.match(r"aten::(b?mm|addmm|_scaled_dot_product\w+)$", e.key)]
+    return sum(e.self_cpu_time_total for e in fixed) / 1e6 / wall
+
+
 def measure(rounds: int, threads: int, batch: int, all_params: bool) -> tuple[dict, list[str]]:
     """Every measured row, as results and printed lines: the transformer, eager and compiled, and the VAE."""
 
@@ -156,6 +165,8 @@ def measure(rounds: int, threads: int, batch: int, all_params: bool) -> tuple[di
     first_call = time.perf_counter() - start
     r = compare(steps, 3 * rounds, kind="transformer", threads=threads, batch=batch, all_params=all_params)
     res = {"transformer": r, "compile_s": first_call - r["seconds"]["compiled"]}
+    share = res["kernel_share"] = {s: kernel_share(steps[s]) for s in ("ours", "diffusers")}
+    pct = [f"{share[s]:.1%}" for s in ("ours", "diffusers")] + [f"{share['diffusers']:.3f}"]
     # FLOPs of a step: a frozen linear's backward is its input gradient; all params add weight gradients
     flops = costs.estimate_flops(model.TransformerConfig(**MID), 13, 128, 192, batch, 32, False)  # no ckpt
     gflop = res["gflop_per_step"] = (flops["train_step"] + all_params * flops["linear"]) / 1e9
@@ -165,7 +176,8 @@ def measure(rounds: int, threads: int, batch: int, all_params: bool) -> tuple[di
     lines = [ROW.format("measured, median over rounds", "ours", "diffusers", "ratio", ""),
              row(f"transformer B={batch}, grad {'all params' if all_params else 'latents'}", r),
              ROW.format("  achieved GFLOP/s", *speed, "", f"{gflop:.1f} GFLOP a step (costs.py)"),
-             ROW.format("  ours, torch.compile", seconds, "", f"{c:.3f}", note)]  # fmt: skip
+             ROW.format("  ours, torch.compile", seconds, "", f"{c:.3f}", note),
+             ROW.format("  time in matmul + SDPA kernels", *pct, "= floor of the ratio")]  # fmt: skip
     for op, size in (("encode", "17x32x48 pixels"), ("decode", "5x4x6 latents")):
         res[f"vae_{op}"] = compare(vae_ops(op), rounds, kind="vae", threads=threads, op=op)
         lines.append(row(f"VAE {op} {size}", res[f"vae_{op}"]))
@@ -176,6 +188,8 @@ def measure(rounds: int, threads: int, batch: int, all_params: bool) -> tuple[di
 def estimates(res: dict) -> list[str]:
     """costs.py for cogvideox-5b at 49×480×720: FLOPs; training memory and whether it fits in 24 GiB."""
     cfg, lines = model.get_config("cogvideox-5b"), ["", "cogvideox-5b at 49x480x720, analytic (costs.py):"]
+    fits = lambda b: f"{b / GIB:5.1f} GiB: " + (f"fits, {24 - b / GIB:.1f} GiB left" if b <= 24 * GIB else
+                                                "does not fit") + " in 24 GiB"  # fmt: skip
     for name, width in (("base", 0), ("with DualReal adapters", 64)):
         f = res[f"flops_5b_adapters{width}"] = costs.estimate_flops(cfg, 49, 480, 720, adapter_width=width)
         lines.append(f"  {name:<23} forward {f['forward'] / 1e12:6.1f} TFLOP, training step with recompute "
@@ -185,21 +199,8 @@ def estimates(res: dict) -> list[str]:
         res[f"memory_5b_batch{batch}"] = dict(vars(m), total=m.total)
         head = f"  training memory, batch {batch}: bf16 base, checkpointing, AdamW, {TRAINABLE:,} fp32 params"
         lines += [head, m.table(), f"  -> {fits(m.total)}"]
-    offload = m.checkpoints * (1 - 2 / cfg.num_layers)  # block inputs kept on the CPU, 2 blocks' worth here
-    what_if = res["memory_5b_batch3_what_if"] = {
-        "8-bit AdamW moments (10 B a parameter, not 16)": m.total - 6 * TRAINABLE,
-        "block checkpoints offloaded to the CPU": m.total - offload,
-        "FSDP2 over 2 GPUs (weights, states sharded)": m.total - (m.frozen_weights + m.trainable_states) / 2,
-        "offload + 8-bit AdamW": m.total - offload - 6 * TRAINABLE,
-        "3 accumulated micro-batches of 1": res["memory_5b_batch1"]["total"],
-    }  # fmt: skip
-    lines.append("  batch 3, what would bring it under 24 GiB:")
-    return lines + [f"    {k:<47}{fits(v)}" for k, v in what_if.items()]
-
-
-def fits(nbytes: float) -> str:
-    verdict = f"fits, {24 - nbytes / GIB:.1f} GiB left" if nbytes <= 24 * GIB else "does not fit"
-    return f"{nbytes / GIB:5.1f} GiB: {verdict} in 24 GiB"
+    what_if = res["memory_5b_batch3_what_if"] = costs.memory_routes(cfg, m, TRAINABLE, batch=3)
+    return lines + ["  batch 3, other routes:"] + [f"    {k:<47}{fits(v)}" for k, v in what_if.items()]
 
 
 def vae_memory(frames: int, height: int, width: int, threads: int) -> list[dict]:
@@ -222,8 +223,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--batch", type=int, default=2, help="transformer batch size")
     parser.add_argument("--all-params", action="store_true", help="transformer gradients w.r.t. all weights")
-    parser.add_argument("--size", type=int, nargs=3, default=[49, 96, 144], metavar=("T", "H", "W"),
-                        help="vae-memory: frames (4k+1), height and width (multiples of 8)")  # fmt: skip
+    parser.add_argument("--size", type=int, nargs=3, default=[49, 96, 144], help="vae-memory: T=4k+1 H W=8k")
     args = parser.parse_args()
     t, h, w = args.size
     if min(args.rounds, args.threads, args.batch, t, h, w) < 1 or (t - 1) % 4 or h % 8 or w % 8:

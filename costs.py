@@ -107,6 +107,22 @@ def estimate_training_memory(cfg, frames: int, height: int, width: int, trainabl
     return MemoryEstimate(frozen, trainable, saved, block, workspace)
 
 
+def memory_routes(cfg, mem: MemoryEstimate, trainable_params: int, batch: int, micro: int = 1) -> dict:
+    """Bytes of the step `mem` (at `batch`) under each route to less memory. 8-bit AdamW: two 1-byte moments,
+    10 B a parameter, not 16. Offload: all but 2 blocks' checkpoints wait on the CPU. FSDP2 over 2 GPUs: the
+    weights and trainable states sharded. Micro-batches (train.py --micro-batch): what grows with the batch
+    (checkpoints, block activations, attention workspace) shrinks by micro / batch; the update is the same."""
+    offload, adam8 = mem.checkpoints * (1 - 2 / cfg.num_layers), 6 * trainable_params
+    per_batch = mem.checkpoints + mem.block_activations + mem.attention_workspace
+    return {
+        "8-bit AdamW moments": mem.total - adam8,
+        "block checkpoints offloaded to the CPU": mem.total - offload,
+        "FSDP2 over 2 GPUs": mem.total - (mem.frozen_weights + mem.trainable_states) / 2,
+        "offload + 8-bit AdamW": mem.total - offload - adam8,
+        f"{batch // micro} accumulated micro-batches of {micro}": mem.total - per_batch * (1 - micro / batch),
+    }
+
+
 def _param_counts(cfg) -> tuple[int, int]:
     """(per-block × layers, embeddings + output) parameter counts of the transformer, by hand."""
     d, e = cfg.inner_dim, cfg.time_embed_dim

@@ -64,3 +64,16 @@ def test_peak_table_lookup():
     assert costs.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert costs.peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
     assert costs.peak_tflops("Some CPU") is None
+
+
+def test_memory_routes_of_the_official_batch():
+    """Routes for motion batch 3: accumulating 3 micro-batches of 1 costs exactly the batch-1 step; FSDP2 over
+    2 GPUs halves only the weights and trainable states; 8-bit AdamW saves 6 bytes a trainable parameter."""
+    cfg, n = model.get_config("cogvideox-5b"), 335_614_983
+    one, three = (costs.estimate_training_memory(cfg, 49, 480, 720, n, batch=b) for b in (1, 3))
+    routes = costs.memory_routes(cfg, three, n, batch=3)
+    assert abs(routes["3 accumulated micro-batches of 1"] - one.total) < 1e-3 * 2**30
+    assert one.total < 24 * 2**30 < three.total
+    sharded = (three.frozen_weights + three.trainable_states) / 2
+    assert abs(three.total - routes["FSDP2 over 2 GPUs"] - sharded) < 1
+    assert abs(three.total - routes["8-bit AdamW moments"] - 6 * n) < 1
