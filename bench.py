@@ -1,15 +1,12 @@
 """Benchmarks: speed and memory of model.py and vae.py against diffusers (the reference, imported here and in
-tests/, never by the runtime), and costs.py's analytic FLOPs and training memory of cogvideox-5b.
+tests/, never by the runtime); costs.py's memory model against a measured step, and its numbers for 5B.
 
     python bench.py [--json out.json]  # every row on the CPU as a table (about 4 min on 2 cores) [and JSON]
     python bench.py vae-memory         # our full-size VAE, frame-chunked vs whole-clip peak memory (slow)
 
-Both sides get the same config, weights and inputs, fp32. Time: a warm-up call each, then rounds of one call
-per side in rotating order (other processes' load hits all sides); a ratio is the median of per-round ratios.
-Memory: one call in a fresh interpreter, glibc mmapping blocks >= 64 KiB so freed tensors leave the RSS at
-once: peak RSS minus RSS before. The transformer step is out.square().mean().backward() with frozen weights,
-gradient w.r.t. the latents (DualReal backprops through a frozen base into adapters). diffusers gets RoPE
-tables from its pipeline outside the timed call; ours builds them in forward.
+Both sides get the same config, weights and inputs, fp32. A transformer step: out.square().mean().backward(),
+frozen weights, gradient w.r.t. the latents (DualReal backprops through a frozen base into adapters).
+diffusers gets RoPE tables from its pipeline outside the timed call; ours builds them in forward.
 """
 
 import argparse
@@ -28,6 +25,7 @@ import diffusers
 import torch
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
 
+import adapters
 import costs
 import model
 import vae
@@ -41,8 +39,8 @@ LATENT = (4, 16, 16, 24)  # (F, C, H, W)
 # The VAE has the real widths (128, 256, 256, 512) and 3 resnets per block, at a small size: 17 frames of
 # 32×48 pixels (5 latents of 4×6), so encode runs two frame chunks (9, 8 frames) and decode two (3, 2).
 VAE_INPUT = (17, 32, 48)
+ADAPTERS = adapters.AdapterConfig(cond_dim=64)  # DualReal's defaults (width 64, 7 groups), e of 64 dims
 TRAINABLE = 335_614_983  # DualReal's adapters + controller on cogvideox-5b (tests/test_adapters.py)
-GIB = 2**30
 ROW = "{:<40}{:>10}{:>11}{:>7}  {}"  # name, ours, diffusers, ratio ours / diffusers, notes
 
 
@@ -95,12 +93,27 @@ def vae_ops(op: str, size=VAE_INPUT, chunked: bool = True) -> dict:
     return {side: torch.no_grad()(call) for side, call in calls[op].items()}
 
 
+def train_step() -> dict:
+    """{"ours": step()}: a DualReal training step (bf16 frozen base, fp32 adapters, checkpointing, AdamW) of
+    the mid transformer with 8 blocks on 25 latent frames of 16×24 (97 frames of 128×192 pixels)."""
+    m = model.CogVideoXTransformer(model.TransformerConfig(**dict(MID, num_layers=8))).to(torch.bfloat16)
+    opt = torch.optim.AdamW(adapters.attach(m.requires_grad_(False), ADAPTERS).parameters())
+    m.grad_checkpointing, gen = True, torch.Generator().manual_seed(0)
+    z, text, e = (torch.randn(shape, generator=gen) for shape in ((1, 25, 16, 16, 24), (1, 32, 512), (1, 64)))
+
+    def step() -> None:
+        m(z.bfloat16(), text.bfloat16(), torch.tensor([500]), cond=e).float().square().mean().backward()
+        opt.step()
+
+    return {"ours": step}
+
+
 def _child(spec: dict) -> None:
     """In a fresh interpreter: build a workload, call one side once, print its memory as a JSON line."""
     mib = lambda field: int(re.search(rf"{field}:\s*(\d+)", Path("/proc/self/status").read_text())[1]) / 1024
     torch.set_num_threads(spec.pop("threads"))
-    build, side = {"transformer": transformer_steps, "vae": vae_ops}[spec.pop("kind")], spec.pop("side")
-    call = build(**spec)[side]
+    build = {"transformer": transformer_steps, "vae": vae_ops, "train": train_step}[spec.pop("kind")]
+    call = build(**{k: v for k, v in spec.items() if k != "side"})[spec["side"]]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
     before, start = mib("VmRSS"), time.perf_counter()
     call()
@@ -119,9 +132,8 @@ def peak_memory(**spec) -> dict:
 
 
 def compare(calls: dict, rounds: int, **memory_spec) -> dict:
-    """Median seconds per side over rotating rounds, each side's median per-round ratio to diffusers, the
-    peak MiB of ours and diffusers, and `busy`: the share of the machine's CPU that other processes used
-    while timing (0 = quiet; if it is large the times are disturbed: run again)."""
+    """Seconds per side (median of rotating rounds; a warm-up call each first), each side's median per-round
+    ratio to diffusers, peak MiB of ours and diffusers, and `busy`: the CPU share other processes used."""
     # the machine's user + nice + system seconds (/proc/stat, USER_HZ = 100 ticks) minus this process's
     others = lambda: sum(map(int, Path("/proc/stat").read_text().split()[1:4])) / 100 - time.process_time()
     names, times = list(calls), {name: [] for name in calls}
@@ -167,9 +179,8 @@ def measure(rounds: int, threads: int, batch: int, all_params: bool) -> tuple[di
     res = {"transformer": r, "compile_s": first_call - r["seconds"]["compiled"]}
     share = res["kernel_share"] = {s: kernel_share(steps[s]) for s in ("ours", "diffusers")}
     pct = [f"{share[s]:.1%}" for s in ("ours", "diffusers")] + [f"{share['diffusers']:.3f}"]
-    # FLOPs of a step: a frozen linear's backward is its input gradient; all params add weight gradients
     flops = costs.estimate_flops(model.TransformerConfig(**MID), 13, 128, 192, batch, 32, False)  # no ckpt
-    gflop = res["gflop_per_step"] = (flops["train_step"] + all_params * flops["linear"]) / 1e9
+    gflop = res["gflop_per_step"] = (flops["train_step"] + all_params * flops["linear"]) / 1e9  # + dW
     speed = [f"{gflop / r['seconds'][s]:.1f}" for s in ("ours", "diffusers")]
     c, seconds = r["ratio"]["compiled"], f"{r['seconds']['compiled']:.3f} s"
     note = f"{c / r['ratio']['ours']:.3f}x ours eager; compiling took {res['compile_s']:.0f} s, cold cache"
@@ -181,31 +192,19 @@ def measure(rounds: int, threads: int, batch: int, all_params: bool) -> tuple[di
     for op, size in (("encode", "17x32x48 pixels"), ("decode", "5x4x6 latents")):
         res[f"vae_{op}"] = compare(vae_ops(op), rounds, kind="vae", threads=threads, op=op)
         lines.append(row(f"VAE {op} {size}", res[f"vae_{op}"]))
+    cfg = model.TransformerConfig(**dict(MID, num_layers=8))  # costs.py's memory model on train_step's step
+    n = adapters.count_parameters(adapters.attach(model.CogVideoXTransformer(cfg), ADAPTERS))["total"]
+    live = costs.estimate_training_memory(cfg, 97, 128, 192, n, base_bytes=2).step / 2**20
+    mib = peak_memory(kind="train", side="ours", threads=threads)["op_mib"]  # peak minus weights, inputs
+    res["memory_model"] = dict(measured_mib=mib, estimated_mib=live)
+    cells = f"{mib} MiB", f"{live:.0f} MiB", f"{live / mib:.3f}", "measured, costs.py (8 blocks, bf16)"
+    lines.append(ROW.format("DualReal train step's live memory", *cells))
     busy = max(res[k]["busy"] for k in ("transformer", "vae_encode", "vae_decode"))
     return res, lines + [f"other processes used up to {busy:.0%} of the CPU while timing"]
 
 
-def estimates(res: dict) -> list[str]:
-    """costs.py for cogvideox-5b at 49×480×720: FLOPs; training memory and whether it fits in 24 GiB."""
-    cfg, lines = model.get_config("cogvideox-5b"), ["", "cogvideox-5b at 49x480x720, analytic (costs.py):"]
-    fits = lambda b: f"{b / GIB:5.1f} GiB: " + (f"fits, {24 - b / GIB:.1f} GiB left" if b <= 24 * GIB else
-                                                "does not fit") + " in 24 GiB"  # fmt: skip
-    for name, width in (("base", 0), ("with DualReal adapters", 64)):
-        f = res[f"flops_5b_adapters{width}"] = costs.estimate_flops(cfg, 49, 480, 720, adapter_width=width)
-        lines.append(f"  {name:<23} forward {f['forward'] / 1e12:6.1f} TFLOP, training step with recompute "
-                     f"{f['train_step'] / 1e12:7.1f} TFLOP ({f['tokens']:,} tokens)")  # fmt: skip
-    for batch in (1, 3):
-        m = costs.estimate_training_memory(cfg, 49, 480, 720, TRAINABLE, batch=batch)
-        res[f"memory_5b_batch{batch}"] = dict(vars(m), total=m.total)
-        head = f"  training memory, batch {batch}: bf16 base, checkpointing, AdamW, {TRAINABLE:,} fp32 params"
-        lines += [head, m.table(), f"  -> {fits(m.total)}"]
-    what_if = res["memory_5b_batch3_what_if"] = costs.memory_routes(cfg, m, TRAINABLE, batch=3)
-    return lines + ["  batch 3, other routes:"] + [f"    {k:<47}{fits(v)}" for k, v in what_if.items()]
-
-
 def vae_memory(frames: int, height: int, width: int, threads: int) -> list[dict]:
-    """Peak memory of our full-size VAE encoding / decoding, frame-chunked vs whole clip (fresh interpreters).
-    `op_mib` is the peak minus the RSS just before the call (weights + input): what the call itself needs."""
+    """Peak memory (op_mib: what the call itself needs) of our full-size VAE, frame-chunked vs whole clip."""
     results = []
     for op, mode in [(op, mode) for op in ("decode", "encode") for mode in ("chunked", "whole")]:
         spec = dict(op=op, size=(frames, height, width), chunked=mode == "chunked")
@@ -239,7 +238,8 @@ def main() -> None:
         results = dict(vae_memory=vae_memory(t, h, w, args.threads))
     else:
         results, lines = measure(args.rounds, args.threads, args.batch, args.all_params)
-        print("\n".join(lines + estimates(results)))
+        results["5b"], report = costs.report(model.get_config("cogvideox-5b"), 49, 480, 720, TRAINABLE)
+        print("\n".join(lines + ["", "cogvideox-5b at 49x480x720, analytic (costs.py):", *report]))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(results, machine=header), indent=1))
 

@@ -80,6 +80,11 @@ class MemoryEstimate:
     def total(self) -> float:
         return sum(vars(self).values())
 
+    @property
+    def step(self) -> float:
+        """What a step adds to the weights and trainable values: gradients, AdamW moments, activations."""
+        return self.total - self.frozen_weights - self.trainable_states / 4
+
     def table(self) -> str:
         rows = [f"  {k.replace('_', ' '):<22}{v / 2**30:8.2f} GiB" for k, v in vars(self).items()]
         return "\n".join(rows + [f"  {'total':<22}{self.total / 2**30:8.2f} GiB"])
@@ -121,6 +126,25 @@ def memory_routes(cfg, mem: MemoryEstimate, trainable_params: int, batch: int, m
         "offload + 8-bit AdamW": mem.total - offload - adam8,
         f"{batch // micro} accumulated micro-batches of {micro}": mem.total - per_batch * (1 - micro / batch),
     }
+
+
+def report(cfg, frames: int, height: int, width: int, trainable_params: int) -> tuple[dict, list[str]]:
+    """FLOPs with and without DualReal's adapters; training memory at motion batch 1 and the official 3, with
+    the routes under 24 GiB: the numbers (for JSON) and the lines bench.py prints."""
+    gib, res, lines = 2**30, {}, []
+    fits = lambda b: f"{b / gib:5.1f} GiB: " + (f"fits, {24 - b / gib:.1f} GiB left" if b <= 24 * gib else
+                                                "does not fit") + " in 24 GiB"  # fmt: skip
+    for name, r in (("base", 0), ("with DualReal adapters", 64)):
+        f = res[f"flops_adapters{r}"] = estimate_flops(cfg, frames, height, width, adapter_width=r)
+        lines.append(f"  {name:<23} forward {f['forward'] / 1e12:6.1f} TFLOP, training step with recompute "
+                     f"{f['train_step'] / 1e12:7.1f} TFLOP ({f['tokens']:,} tokens)")  # fmt: skip
+    for batch in (1, 3):
+        m = estimate_training_memory(cfg, frames, height, width, trainable_params, batch=batch)
+        res[f"memory_batch{batch}"] = dict(vars(m), total=m.total)
+        head = f"  training memory, batch {batch}: bf16 base, checkpointing, AdamW on {trainable_params:,}"
+        lines += [head, m.table(), f"  -> {fits(m.total)}"]
+    routes = res["memory_batch3_routes"] = memory_routes(cfg, m, trainable_params, batch=3)
+    return res, lines + ["  batch 3, other routes:"] + [f"    {k:<47}{fits(v)}" for k, v in routes.items()]
 
 
 def _param_counts(cfg) -> tuple[int, int]:

@@ -77,3 +77,14 @@ def test_memory_routes_of_the_official_batch():
     sharded = (three.frozen_weights + three.trainable_states) / 2
     assert abs(three.total - routes["FSDP2 over 2 GPUs"] - sharded) < 1
     assert abs(three.total - routes["8-bit AdamW moments"] - 6 * n) < 1
+
+
+def test_report_prices_the_5b_run_at_its_own_size():
+    """bench.py's 5B report: the same numbers as the functions it summarises, at 49×480×720."""
+    cfg, n = model.get_config("cogvideox-5b"), 335_614_983
+    res, lines = costs.report(cfg, 49, 480, 720, n)
+    mem = costs.estimate_training_memory(cfg, 49, 480, 720, n)
+    assert res["memory_batch1"]["total"] == mem.total
+    assert res["flops_adapters64"] == costs.estimate_flops(cfg, 49, 480, 720, adapter_width=64)
+    assert "22.7 GiB: fits" in "\n".join(lines) and "37.4 GiB: does not fit" in "\n".join(lines)
+    assert mem.step == mem.total - mem.frozen_weights - 4 * n  # what a step adds to weights and params
