@@ -152,7 +152,6 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, cache_dir, 
     (_, a), (_, b) = whole[first], micro[first]
     assert len(a) == len(b) > 0
     for ga, gb in zip(a, b):
-        assert not torch.equal(ga, torch.zeros_like(ga)) or torch.equal(gb, ga)
         assert (ga - gb).abs().max().item() <= 1e-5 * ga.abs().max().item(), "accumulated != whole batch"
 
 
