@@ -244,6 +244,13 @@ def texts(dtype):
     return torch.randn(2, 6, 8, generator=g).to(dtype), torch.randn(2, 6, 8, generator=g).to(dtype)
 
 
+def ours(text, neg, steps: int, seed: int, **kw):
+    """diffusion.sample on the stub model and the plain schedule, seeded like reference_loop."""
+    generator = torch.Generator().manual_seed(seed)
+    return diffusion.sample(StubModel(), diffusion.Schedule(1.0), text, neg, SHAPE, steps=steps,
+                            generator=generator, progress=False, **kw)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "sampler,steps,dynamic,dtype,reference_prev",
     [
@@ -259,53 +266,21 @@ def texts(dtype):
 def test_sample_matches_reference_pipeline_loop(sampler, steps, dynamic, dtype, reference_prev):
     text, neg = texts(dtype)
     want = reference_loop(sampler, steps, 6.0, dynamic, dtype, text, neg, seed=42)
-    got = diffusion.sample(
-        StubModel(),
-        diffusion.Schedule(1.0),
-        text,
-        neg,
-        SHAPE,
-        steps=steps,
-        sampler=sampler,
-        dynamic_cfg=dynamic,
-        reference_prev=reference_prev,
-        generator=torch.Generator().manual_seed(42),
-        progress=False,
-    )
+    got = ours(text, neg, steps, 42, sampler=sampler, dynamic_cfg=dynamic, reference_prev=reference_prev)
     assert_same(got, want)
 
 
 def test_sample_without_cfg_matches_reference_loop():
     text, _ = texts(torch.float32)
     want = reference_loop("dpm", 10, 1.0, False, torch.float32, text, None, seed=3)
-    got = diffusion.sample(
-        StubModel(),
-        diffusion.Schedule(1.0),
-        text,
-        None,
-        SHAPE,
-        steps=10,
-        guidance=1.0,
-        generator=torch.Generator().manual_seed(3),
-        progress=False,
-    )
+    got = ours(text, None, 10, 3, guidance=1.0)
     assert_same(got, want)
 
 
 def test_sample_30_steps_default_policy_differs_from_reference():
     text, neg = texts(torch.float32)
     want = reference_loop("ddim", 30, 6.0, False, torch.float32, text, neg, seed=0)
-    got = diffusion.sample(
-        StubModel(),
-        diffusion.Schedule(1.0),
-        text,
-        neg,
-        SHAPE,
-        steps=30,
-        sampler="ddim",
-        generator=torch.Generator().manual_seed(0),
-        progress=False,
-    )
+    got = ours(text, neg, 30, 0, sampler="ddim")
     assert not torch.allclose(got, want, atol=1e-4), diff(got, want)
 
 
