@@ -24,6 +24,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -103,8 +104,8 @@ def setup(args, rank: int):
     args.height, args.width = args.height or cfg.sample_height * 8, args.width or cfg.sample_width * 8
     if not 0.0 <= args.motion_ratio <= 1.0:
         raise ValueError(f"--motion-ratio must be in [0, 1], got {args.motion_ratio}")
-    positive = "steps subject_batch motion_batch micro_batch groups adapter_width log_every".split()
-    for flag in [f for f in positive if getattr(args, f) is not None and getattr(args, f) < 1]:
+    positive = "steps subject_batch motion_batch micro_batch groups adapter_width log_every save_every"
+    for flag in [f for f in positive.split() if getattr(args, f) is not None and getattr(args, f) < 1]:
         raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
         raise ValueError(f"need 4k+1 --frames and --height, --width divisible by 16; got {args.frames} "
@@ -141,8 +142,7 @@ def precompute(args, cfg, images, clip, device, dtype) -> dict[str, torch.Tensor
         e_clip = image_encoder.embed(data.reference_frames(clip).permute(0, 3, 1, 2))  # (4, E): motion phase
         e_subject = image_encoder.embed(images.permute(0, 3, 1, 2))  # (N, E): the reference at inference
         del image_encoder
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op without CUDA
         return dict(subject_mean=subject[0], subject_logvar=subject[1], clip_mean=motion[0], scale=scale,
                     clip_logvar=motion[1], text=text, e_clip=e_clip, e_subject=e_subject)  # fmt: skip
 
@@ -182,13 +182,12 @@ def batch_for(phase: str, cache: dict, args, gen: torch.Generator):
     return z, text.expand(len(z), -1, -1), e
 
 
-def save_checkpoint(out: Path, step: int, ext, opt, gen: torch.Generator, rng: random.Random) -> None:
+def save_checkpoint(out: Path, step: int, ext, opt, rng: random.Random) -> None:
     """checkpoints/step_N.pt, atomically (temp file, then rename); older ones go; adapters.safetensors too."""
     folder = out / "checkpoints"
     folder.mkdir(exist_ok=True)
     path = folder / f"step_{step:07d}.pt"
-    state = dict(step=step, adapters=ext.state_dict(), optimizer=opt.state_dict(), gen=gen.get_state(),
-                 phase_rng=rng.getstate(), torch_rng=torch.get_rng_state())  # fmt: skip
+    state = dict(step=step, adapters=ext.state_dict(), optimizer=opt.state_dict(), phase_rng=rng.getstate())
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     for old in set(folder.glob("step_*.pt")) - {path}:
@@ -259,16 +258,13 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         block.compile()  # in place, per block: saved keys carry no _orig_mod. prefix
     net = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     opt = torch.optim.AdamW(ext.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed + rank)  # this rank's data, posterior and noise draws
     rng, start = random.Random(args.seed), 0  # the phase sequence: identical on every rank
     ckpts = sorted((out / "checkpoints").glob("step_*.pt")) if args.resume else []
     if ckpts:
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
         ext.load_state_dict(state["adapters"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["gen"])
         rng.setstate(state["phase_rng"])
-        torch.set_rng_state(state["torch_rng"])
         start = state["step"]  # the lr schedule and the phase sequence continue from here
         if master:
             print(f"resumed from {ckpts[-1]} at step {start}")
@@ -276,9 +272,9 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
     vae = vae_lib.load_vae(args.model, dtype, "cpu") if args.val_every and master else None
     latent_shape = (cache["clip_mean"].shape[1], cfg.in_channels, args.height // 8, args.width // 8)
     kw = dict(adapter_width=args.adapter_width, grad_checkpointing=args.grad_checkpointing)
-    h, w = args.height, args.width
-    flops = dict(identity=costs.estimate_flops(cfg, 1, h, w, args.subject_batch, **kw),
-                 motion=costs.estimate_flops(cfg, args.frames, h, w, args.motion_batch, **kw))  # fmt: skip
+    h, w, r = args.height, args.width, args.adapter_width  # model FLOPs for MFU: recomputation not counted
+    sizes = dict(identity=(1, args.subject_batch), motion=(args.frames, args.motion_batch))
+    flops = {k: costs.estimate_flops(cfg, f, h, w, b, None, False, r) for k, (f, b) in sizes.items()}
     peak = costs.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if master:
         n = adapters.count_parameters(ext)
@@ -288,11 +284,16 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         print(f"device {device} x{world}, base {dtype}, compile {args.compile}\n{summary}")
 
     ema, seen, window = {}, set(), [0, 0.0, 0.0]  # EMA loss per phase; phases already run; [steps, s, FLOPs]
-    log = (out / "log.jsonl").open("a") if master else None
+    if master:  # a fresh run starts its log; a resumed one drops what was logged after its checkpoint
+        old = (out / "log.jsonl").read_text().splitlines() if start and (out / "log.jsonl").exists() else []
+        (out / "log.jsonl").write_text("".join(f"{r}\n" for r in old if json.loads(r)["step"] <= start))
+    log = (out / "log.jsonl").open("a", buffering=1) if master else None  # line-buffered: flushed per record
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc="train")
     t_prev = time.perf_counter()
     for step in bar:
         phase = phase_at(step, rng, args)
+        seed = np.random.SeedSequence([args.seed, rank, step]).generate_state(1)[0]  # resumable, per rank
+        gen = torch.Generator().manual_seed(int(seed))  # this rank's data, posterior and noise draws
         ext.fixed_omega = (1.0 if phase == "motion" else 0.0) if isolated else 0.5
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
@@ -334,10 +335,9 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
             if device.type == "cuda":
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             log.write(json.dumps(rec) + "\n")
-            log.flush()
             window = [0, 0.0, 0.0]
         if master and (done % args.save_every == 0 or done == args.steps):
-            save_checkpoint(out, done, ext, opt, gen, rng)
+            save_checkpoint(out, done, ext, opt, rng)
         if args.val_every and (done % args.val_every == 0 or done == args.steps):
             if master:
                 validate(done, model, vae, cache, schedule, args, latent_shape, device)

@@ -98,6 +98,20 @@ def test_resume_is_bitwise(tmp_path, cache_dir, monkeypatch):
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step_0000008.pt"]
 
 
+def test_log_holds_each_step_once_after_resume_and_overwrite(tmp_path, cache_dir, monkeypatch):
+    """A run killed after logging steps 5-6 but before checkpointing them resumes from step 4: the log keeps
+    steps 1-4 and logs 5-6 again, once. --overwrite starts a new log."""
+    out, save = tmp_path / "run", train.save_checkpoint
+    steps = lambda: [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()]
+    monkeypatch.setattr(train, "save_checkpoint", lambda o, step, *rest: step == 4 and save(o, step, *rest))
+    run(out, cache_dir, "--steps", "6", "--log-every", "1")  # the step-6 checkpoint is "lost"
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    run(out, cache_dir, "--steps", "6", "--log-every", "1", "--resume")
+    assert steps() == [1, 2, 3, 4, 5, 6]
+    run(out, cache_dir, "--steps", "2", "--log-every", "1", "--overwrite")
+    assert steps() == [1, 2]
+
+
 def test_masking_in_the_real_loop(tmp_path, cache_dir, monkeypatch):
     """In a joint run, every identity step leaves the motion adapters bitwise unchanged, and vice versa."""
     steps, mask = [], adapters.mask_gradients
@@ -255,6 +269,7 @@ def bad_inputs(tmp: Path) -> dict:
         "motion ratio": (["--motion-ratio", "1.5"], r"--motion-ratio must be in \[0, 1\]"),
         "steps": (["--steps", "0"], "--steps must be >= 1"),
         "micro batch": (["--micro-batch", "0"], "--micro-batch must be >= 1"),
+        "save every": (["--save-every", "0"], "--save-every must be >= 1"),
         "frames": (["--frames", "10"], "4k\\+1"),
     }
 
