@@ -17,7 +17,7 @@ Shape legend: B batch, C channels, T video frames, F latent frames, H W height a
 Inside the networks tensors are (B, C, T, H, W); latents in and out are (B, F, C, h, w), as in model.py.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -292,10 +292,12 @@ class CogVideoXVAE(nn.Module):
             edges = [0, *range(n - chunk * (max(n // chunk, 1) - 1), n + 1, chunk)]  # 49 frames: 9, 8, 8, ...
             return torch.cat([net(v[:, :, a:b], cache) for a, b in zip(edges, edges[1:])], dim=2)
 
-        t, s = self.tiling or Tiling(), self.config.spatial_ratio
+        t, s = self.tiling, self.config.spatial_ratio
+        if t is None:
+            return clip(x)
         tiles = [(t.sample_height, t.sample_width), (t.sample_height // s, t.sample_width // s)]
         tile_in, tile_out = tiles[::-1] if decode else tiles  # (H, W) in pixels and in latents
-        if self.tiling is None or (x.shape[3] <= tile_in[0] and x.shape[4] <= tile_in[1]):
+        if x.shape[3] <= tile_in[0] and x.shape[4] <= tile_in[1]:
             return clip(x)
         return _tiled(clip, x, tile_in, tile_out, t)
 
@@ -345,7 +347,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     if str(path) == "tiny":
         with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
             torch.manual_seed(0)
-            vae = CogVideoXVAE(CONFIGS["tiny"])
+            vae = CogVideoXVAE(replace(CONFIGS["tiny"]))  # a copy: the registry stays untouched
         return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     folder = checkpoint.find_component(str(path), "vae")
     raw = checkpoint.read_config(folder)  # missing fields keep VAEConfig's defaults
