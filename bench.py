@@ -97,7 +97,7 @@ def train_step() -> dict:
     """{"ours": step()}: a DualReal training step (bf16 frozen base, fp32 adapters, checkpointing, AdamW) of
     the mid transformer with 8 blocks on 25 latent frames of 16×24 (97 frames of 128×192 pixels)."""
     m = model.CogVideoXTransformer(model.TransformerConfig(**dict(MID, num_layers=8))).to(torch.bfloat16)
-    opt = torch.optim.AdamW(adapters.attach(m.requires_grad_(False), ADAPTERS).parameters())
+    opt = torch.optim.AdamW(adapters.attach(m, ADAPTERS).parameters())  # attach freezes the base
     m.grad_checkpointing, gen = True, torch.Generator().manual_seed(0)
     z, text, e = (torch.randn(shape, generator=gen) for shape in ((1, 25, 16, 16, 24), (1, 32, 512), (1, 64)))
 

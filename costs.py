@@ -11,11 +11,11 @@ tokens, L text tokens, S = L + N, D hidden size, E time-embedding size.
 from dataclasses import dataclass
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU.
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "RTX 4090": 165.2}
+PEAK_TFLOPS = {"A100": 312.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "RTX 4090": 165.2}
 
 
 def peak_tflops(device_name: str) -> float | None:
-    """The bf16 peak of a GPU from its torch.cuda.get_device_name(), or None if it is not in the table."""
+    """The bf16 peak of a GPU from its torch.cuda.get_device_name() (PCIe before SXM), or None."""
     for name, tflops in PEAK_TFLOPS.items():
         if name.replace(" ", "").lower() in device_name.replace(" ", "").lower():
             return tflops
@@ -112,11 +112,11 @@ def estimate_training_memory(cfg, frames: int, height: int, width: int, trainabl
     return MemoryEstimate(frozen, trainable, saved, block, workspace)
 
 
-def memory_routes(cfg, mem: MemoryEstimate, trainable_params: int, batch: int, micro: int = 1) -> dict:
+def memory_routes(cfg, mem: MemoryEstimate, trainable_params: int, batch: int) -> dict:
     """Bytes of the step `mem` (at `batch`) under each route to less memory. 8-bit AdamW: two 1-byte moments,
     10 B a parameter, not 16. Offload: all but 2 blocks' checkpoints wait on the CPU. FSDP2 over 2 GPUs: the
-    weights and trainable states sharded. Micro-batches (train.py --micro-batch): what grows with the batch
-    (checkpoints, block activations, attention workspace) shrinks by micro / batch; the update is the same."""
+    weights and trainable states sharded. Micro-batches of 1 (train.py --micro-batch 1): what grows with the
+    batch (checkpoints, block activations, attention workspace) shrinks by 1 / batch; same update."""
     offload, adam8 = mem.checkpoints * (1 - 2 / cfg.num_layers), 6 * trainable_params
     per_batch = mem.checkpoints + mem.block_activations + mem.attention_workspace
     return {
@@ -124,7 +124,7 @@ def memory_routes(cfg, mem: MemoryEstimate, trainable_params: int, batch: int, m
         "block checkpoints offloaded to the CPU": mem.total - offload,
         "FSDP2 over 2 GPUs": mem.total - (mem.frozen_weights + mem.trainable_states) / 2,
         "offload + 8-bit AdamW": mem.total - offload - adam8,
-        f"{batch // micro} accumulated micro-batches of {micro}": mem.total - per_batch * (1 - micro / batch),
+        f"{batch} accumulated micro-batches of 1": mem.total - per_batch * (1 - 1 / batch),
     }
 
 
