@@ -170,6 +170,10 @@ def load_image_encoder(path: str = CLIP_ID, dtype: torch.dtype = torch.float32, 
     if path == "tiny":
         clip = _seeded(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)))
         return ImageEncoder(clip).to(device=device, dtype=dtype)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a CLIP model folder")
+    if not Path(path).is_dir() and (path.count("/") != 1 or path.startswith((".", "/"))):  # nor a hub id
+        raise FileNotFoundError(f"{path}: no such folder (give 'tiny', a CLIP model folder or a hub id)")
     cfg = AutoConfig.from_pretrained(path)
     if isinstance(cfg, CLIPConfig):  # projection_dim lives on the full config, not on vision_config
         cfg.vision_config.projection_dim = cfg.projection_dim

@@ -96,10 +96,13 @@ def temporal_flickering(frames: torch.Tensor) -> float:
     return ((255 - diffs.mean()) / 255).item()
 
 
-def dynamic_degree(frames: torch.Tensor, fps: float, flow: FlowFn) -> tuple[bool, float]:
+def dynamic_degree(frames: torch.Tensor, fps: float, flow: FlowFn, name: str = "video") -> tuple[bool, float]:
     """VBench: subsample to ~8 fps; a pair's score is the mean of its top 5 % flow magnitudes; the video is
     dynamic if round(4N/16) pairs score over 6 min(H, W)/256 px. -> (dynamic?, mean pair score in px)."""
-    frames = frames[:: max(1, round(fps / 8))]  # (N, H, W, 3)
+    if len(frames) <= (step := max(1, round(fps / 8))):  # frames[::step] would keep a single frame: no pair
+        raise ValueError(f"{name}: {len(frames)} frame(s) at {fps:g} fps leave 1 at ~8 fps; Dynamic Degree "
+                         f"needs 2 (--no-flow skips it)")  # fmt: skip
+    frames = frames[::step]  # (N, H, W, 3)
     thres, need = 6 * min(frames.shape[1:3]) / 256, round(4 * len(frames) / 16)
     mags = [flow(a, b).float().norm(dim=0).flatten() for a, b in zip(frames[:-1], frames[1:])]  # [(H' W',)]
     scores = [m.topk(max(1, int(0.05 * m.numel()))).values.mean().item() for m in mags]  # top 5 %, as VBench
@@ -186,7 +189,7 @@ def evaluate(videos: list[Path], pairs: dict, clip, tokenizer, dino, flow: FlowF
         frames, fps = read_video(path)  # (T, H, W, 3)
         feats = {k: embed_frames(*n, frames) for k, n in nets.items()}  # {net: (T, E)}
         text, truncated = embed_text(clip, tokenizer, prompt)
-        dynamic, magnitude = dynamic_degree(frames, fps, flow) if flow else (None, None)
+        dynamic, magnitude = dynamic_degree(frames, fps, flow, path.name) if flow else (None, None)
         rows[path.name] = {
             "clip_t": alignment(text, feats["clip"]),
             "clip_i": alignment(refs[subject]["clip"], feats["clip"]),
@@ -217,13 +220,11 @@ def controller_trace(adapters_file: Path, prompt: str, subject: Path, steps: int
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     net = model.load_transformer(name, dtype, device)
     adapters.load_adapters(net, str(adapters_file))
-    c, weights = net.config, []
-    t5 = encoders.load_text_encoder(name, dtype, device)
+    c, weights, t5 = net.config, [], encoders.load_text_encoder(name, dtype, device)
     text, neg = (t5.encode(p, c.max_text_seq_length) for p in (prompt, ""))
     clip = encoders.load_image_encoder("tiny" if name == "tiny" else encoders.CLIP_ID, device=device)
     e = clip.embed(data.load_images(subject, 8 * c.sample_height, 8 * c.sample_width)[:1].permute(0, 3, 1, 2))
-    scheduler = None if name == "tiny" else checkpoint.find_component(name, "scheduler")  # config folder
-    schedule = diffusion.load_schedule(scheduler)
+    schedule = diffusion.load_schedule(checkpoint.find_scheduler(name))  # as sample.py does
     shape = (1, 13, c.in_channels, c.sample_height, c.sample_width)  # (B, F, C, H, W): 49 frames, 13 latent
     record = lambda i, t, x: weights.append(1 - net.ext.last_omega[-1].float().cpu())  # (B', n): [neg; pos]
     kw = dict(generator=torch.Generator().manual_seed(seed), cond=e, callback=record, progress=False)
@@ -273,8 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         return write_trace(*trace, args.out, args.prompt)
     if not args.videos or not args.prompts:
         raise ValueError("pass --videos DIR_OR_FILES and --prompts FILE (and --subject DIR)")
-    videos = list_videos(args.videos)
-    pairs = read_prompts(args.prompts, videos, args.subject)
+    pairs = read_prompts(args.prompts, videos := list_videos(args.videos), args.subject)
     flow, reason = (None, "skipped with --no-flow") if args.no_flow else load_raft(args.device)
     clip = CLIPModel.from_pretrained(args.clip_model).eval().to(args.device)
     dino = ViTModel.from_pretrained(args.dino_model, add_pooling_layer=False).eval().to(args.device)

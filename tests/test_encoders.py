@@ -190,6 +190,18 @@ def test_image_encoder_refuses_a_checkpoint_without_projection(tmp_path):
         encoders.load_image_encoder(str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["missing", "no/such/clip", "./clip"])
+def test_image_encoder_names_a_mistyped_path(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # relative names resolve here: none of them exists
+    with pytest.raises(FileNotFoundError, match=f"{name}: no such folder"):
+        encoders.load_image_encoder(name)
+
+
+def test_image_encoder_refuses_a_folder_without_a_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        encoders.load_image_encoder(str(tmp_path))
+
+
 def test_tiny_builders_leave_the_global_rng_untouched():
     state = torch.get_rng_state()
     encoders.load_text_encoder("tiny"), encoders.load_image_encoder("tiny")

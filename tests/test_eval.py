@@ -9,6 +9,7 @@ numbers are not (they need the real checkpoints).
 import json
 import runpy
 import sys
+from dataclasses import asdict
 
 import av
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
 import adapters
+import diffusion
+import encoders
 import eval as ev
 import model
 from data import write_video
@@ -161,6 +164,15 @@ def test_dynamic_degree_uses_the_top_five_percent_and_subsamples_to_8_fps():
     assert seen == [(k, k + 3) for k in range(0, 22, 3)], f"pairs compared at 24 fps: {seen}"
     assert abs(mean_mag - 10.0) < 1e-5, f"top-5% mean {mean_mag} vs 10, |diff| {abs(mean_mag - 10):.2e}"
     assert dynamic, "9 frames, all 8 pairs at 10 px > 1.5 px, 2 needed: should be dynamic"
+
+
+def test_dynamic_degree_refuses_a_video_left_with_one_frame_at_8_fps():
+    flow = constant_flow([2.0] * 4)
+    with pytest.raises(ValueError, match=r"clip.mp4: 3 frame\(s\) at 24 fps .*--no-flow"):
+        ev.dynamic_degree(indexed_frames(3), 24.0, flow, "clip.mp4")  # every 3rd frame: frame 0 only
+    with pytest.raises(ValueError, match="2 frame"):
+        ev.dynamic_degree(indexed_frames(2), 24.0, flow)
+    assert ev.dynamic_degree(indexed_frames(4), 24.0, flow) == (True, 2.0), "frames 0 and 3: one pair"
 
 
 def test_markdown_table_follows_the_column_order():
@@ -313,12 +325,12 @@ def test_cli_turns_a_user_error_into_one_line_and_exit_code_2(tmp_path, monkeypa
 
 
 # ----------------------------------------------------------------------------- the controller plot
-def tiny_adapters(path, bias: list[float] | None = None) -> None:
-    """adapters.safetensors for the tiny model with 2 controller groups. The controller's last layer is random
-    so that ω changes along the trajectory (at initialization it is exactly 0.5 everywhere); with `bias`, its
-    weight is zero instead, so that ω = sigmoid(bias) for any input."""
+def tiny_adapters(path, bias: list[float] | None = None, base: str = "tiny") -> None:
+    """adapters.safetensors for the tiny model (or `base`) with 2 controller groups. The controller's last
+    layer is random so that ω changes along the trajectory (at initialization it is exactly 0.5 everywhere);
+    with `bias`, its weight is zero instead, so that ω = sigmoid(bias) for any input."""
     ext = adapters.attach(
-        model.load_transformer("tiny"), adapters.AdapterConfig(cond_dim=32, groups=2)
+        model.load_transformer(base), adapters.AdapterConfig(cond_dim=32, groups=2)
     )  # e: 32-d
     last = ext.controller.head[-1]
     if bias is None:
@@ -348,6 +360,30 @@ def test_controller_trace_is_one_minus_the_motion_share_per_group(inputs, tmp_pa
     want = (1 - torch.sigmoid(torch.tensor([2.0, -1.0]))).expand(3, 2)  # identity weights (0.119, 0.731)
     diff = (w - want).abs()
     assert diff.max() < 1e-6, f"trace {w.tolist()} vs 1 - ω {want[0].tolist()}; max |diff| {diff.max():.2e}"
+
+
+def test_controller_trace_reads_the_scheduler_folder_of_a_checkpoint_root(inputs, tmp_path, monkeypatch):
+    """A base model given as a diffusers-saved checkpoint root: scheduler/ holds only scheduler_config.json,
+    whose SNR shift (3, as 2B) must reach the sampler. The encoders are the tiny ones (no downloads)."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    CogVideoXTransformer3DModel(**asdict(model.get_config("tiny"))).save_pretrained(tmp_path / "transformer")
+    CogVideoXDDIMScheduler(  # CogVideoX-2B's scheduler_config.json
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
+        rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0, timestep_spacing="trailing",
+    ).save_pretrained(tmp_path / "scheduler")  # fmt: skip
+    tiny_adapters(tmp_path / "a.safetensors", base=str(tmp_path))
+    load_t5, load_clip, schedules = encoders.load_text_encoder, encoders.load_image_encoder, []
+    monkeypatch.setattr(encoders, "load_text_encoder", lambda path, *a, **k: load_t5("tiny", *a, **k))
+    monkeypatch.setattr(encoders, "load_image_encoder", lambda path, *a, **k: load_clip("tiny", *a, **k))
+    load_schedule = diffusion.load_schedule
+    monkeypatch.setattr(
+        diffusion, "load_schedule", lambda src: schedules.append(load_schedule(src)) or schedules[-1]
+    )
+    timesteps, w = ev.controller_trace(tmp_path / "a.safetensors", "a dog", inputs / "subject", 2)
+    assert w.shape == (2, 2) and timesteps == [999, 499], f"timesteps {timesteps}, weights {tuple(w.shape)}"
+    want = diffusion.Schedule(snr_shift_scale=3.0).alphas_cumprod
+    assert torch.equal(schedules[0].alphas_cumprod, want), "the checkpoint's SNR shift 3 was not used"
 
 
 def test_plot_controller_cli_writes_a_steps_by_groups_csv_and_a_png(inputs, tmp_path):
