@@ -43,6 +43,12 @@ def find_component(path: str, component: str, config: str = "config.json") -> st
     return folder
 
 
+def find_scheduler(name: str) -> str | None:
+    """The folder of a model's scheduler_config.json (a hub id downloads only it); None for tiny, which
+    samples with CogVideoX-5B's schedule (diffusion.load_schedule(None))."""
+    return None if name == "tiny" else find_component(name, "scheduler", "scheduler_config.json")
+
+
 def read_config(folder: str) -> dict:
     with open(os.path.join(folder, "config.json")) as fh:
         return json.load(fh)

@@ -68,13 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_schedule(name: str) -> diffusion.Schedule:
-    """The checkpoint's scheduler/scheduler_config.json (a hub id downloads only that folder); tiny: 5B's."""
-    if name == "tiny":
-        return diffusion.load_schedule(None)  # CogVideoX-5B's schedule (SNR shift 1)
-    return diffusion.load_schedule(checkpoint.find_component(name, "scheduler", "scheduler_config.json"))
-
-
 def check_output(out: str) -> Path:
     """Fail before any model loads if the mp4 cannot be written (a write probe: root ignores permissions)."""
     path = Path(out)
@@ -130,7 +123,7 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--height and --width must be multiples of 16, got {args.height} and {args.width}")
     if bool(args.adapters) != bool(args.reference):
         raise ValueError("--adapters and --reference go together: the adapters need e from a subject image")
-    out, schedule = check_output(args.out), load_schedule(args.model)
+    out, schedule = check_output(args.out), diffusion.load_schedule(checkpoint.find_scheduler(args.model))
 
     # The transformer waits on the CPU (memory-mapped) until the encoders have left the GPU.
     transformer = model.load_transformer(args.model, dtype).eval()

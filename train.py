@@ -39,7 +39,6 @@ import diffusion
 import encoders
 import model as dit
 import vae as vae_lib
-from checkpoint import find_component as find
 
 # What --resume may change; any other difference means a different run.
 RESUMABLE = {"steps", "save_every", "val_every", "val_steps", "log_every", "resume", "overwrite", "compile",
@@ -243,8 +242,7 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
     if world > 1:
         dist.barrier()  # rank 0 has filled the cache; the others read it
     cache = cache if master else precompute(args, cfg, images, clip, device, dtype)
-    scheduler = None if args.model == "tiny" else find(args.model, "scheduler", "scheduler_config.json")
-    schedule = diffusion.load_schedule(scheduler)
+    schedule = diffusion.load_schedule(checkpoint.find_scheduler(args.model))
 
     model = dit.load_transformer(args.model, dtype, device)
     model.grad_checkpointing = args.grad_checkpointing
