@@ -218,6 +218,43 @@ json.dump(log, open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] 
     assert len(set(rank0[1::2])) == 6, "the weights must change at every step"
 
 
+def test_ddp_resume_continues_each_ranks_own_draws(tmp_path):
+    """torchrun, 2 gloo processes, killed after the step-2 checkpoint and resumed: each rank's data, posterior
+    and noise draws at steps 2-3 are those of a straight run, and the two ranks never draw alike."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""
+import json, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+batch_for, phase_at, rank = train.batch_for, train.phase_at, os.environ["RANK"]
+def recorded(phase, cache, args, gen):
+    z, text, e = batch_for(phase, cache, args, gen)
+    with open(os.path.join(os.environ["DRAWS"], "rank" + rank + ".jsonl"), "a") as f:
+        f.write(json.dumps(z.flatten()[:4].tolist()) + "\\n")
+    return z, text, e
+def killed(step, rng, args):
+    if step == int(os.environ.get("KILL_AT", -1)):
+        sys.exit(3)  # every rank stops before step 2: the step-2 checkpoint is on disk
+    return phase_at(step, rng, args)
+train.batch_for, train.phase_at = recorded, killed
+train.main(sys.argv[1:])
+""")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    common = [str(probe), *SMALL, "--subject", str(SUBJECT), "--motion", str(MOTION), "--steps", "4",
+              "--save-every", "2", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    draws, runs = {}, (("straight", [], {}), ("killed", [], {"KILL_AT": "2"}), ("killed", ["--resume"], {}))
+    for name, extra, env in runs:
+        (tmp_path / name).mkdir(exist_ok=True)
+        env = dict(os.environ, DRAWS=str(tmp_path / name), **env)
+        cmd = [*torchrun, *common, "--output-dir", str(tmp_path / f"{name}-run"), *extra]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == (1 if "KILL_AT" in env else 0), done.stderr[-3000:]
+    for name in ("straight", "killed"):
+        draws[name] = [(tmp_path / name / f"rank{r}.jsonl").read_text().splitlines() for r in (0, 1)]
+    assert draws["killed"] == draws["straight"] and all(len(d) == 4 for d in draws["straight"])
+    assert not set(draws["straight"][0]) & set(draws["straight"][1]), "both ranks drew the same data"
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch):
     calls, mse = [], torch.nn.functional.mse_loss
 
