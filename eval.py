@@ -222,7 +222,7 @@ def controller_trace(adapters_file: Path, prompt: str, subject: Path, steps: int
     adapters.load_adapters(net, str(adapters_file))
     c, weights, t5 = net.config, [], encoders.load_text_encoder(name, dtype, device)
     text, neg = (t5.encode(p, c.max_text_seq_length) for p in (prompt, ""))
-    clip = encoders.load_image_encoder("tiny" if name == "tiny" else encoders.CLIP_ID, device=device)
+    clip = encoders.load_image_encoder("tiny" if name == "tiny" else encoders.CLIP_ID, dtype, device)
     e = clip.embed(data.load_images(subject, 8 * c.sample_height, 8 * c.sample_width)[:1].permute(0, 3, 1, 2))
     schedule = diffusion.load_schedule(checkpoint.find_scheduler(name))  # as sample.py does
     shape = (1, 13, c.in_channels, c.sample_height, c.sample_width)  # (B, F, C, H, W): 49 frames, 13 latent
