@@ -183,13 +183,11 @@ def l2_penalty(ext: DualAdapters, phase: str, weight: float) -> torch.Tensor:
     return weight * sum(p.pow(2).sum() for p in params)
 
 
-def count_parameters(ext: DualAdapters, verbose: bool = False) -> dict[str, int]:
+def count_parameters(ext: DualAdapters) -> dict[str, int]:
     """Trainable parameters per family. CogVideoX-5B defaults: identity 33,293,568, motion 297,792,768,
     controller 4,528,647 (official: 396,352 per adapter, 3,148,800 per W_cond, 4,528,647 controller)."""
     counts = {f: sum(p.numel() for p in ext.family_params(f)) for f in FAMILIES}
     counts["total"] = sum(counts.values())
-    if verbose:
-        print("trainable parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     return counts
 
 
@@ -223,10 +221,10 @@ def read_metadata(path: str) -> tuple[AdapterConfig, dict]:
 def load_adapters(model: nn.Module, path: str, cfg: AdapterConfig | None = None) -> DualAdapters:
     """Load an adapters file into `model` and return the adapters (model.ext).
 
-    If the model already has adapters attached (e.g. when resuming), their tensors are overwritten in
-    place, so an optimizer holding them stays valid; otherwise adapters are attached first (freezing the
-    base). Fails with one clear line when the file was trained for another model width/depth, or when
-    `cfg` (or the attached adapters' config) differs from the file's.
+    If the model already has adapters attached, their tensors are overwritten in place, so an optimizer
+    holding them stays valid; otherwise adapters are attached first (freezing the base). Fails with one clear
+    line when the file was trained for another model width/depth, or when `cfg` (or the attached adapters'
+    config) differs from the file's.
     """
     file_cfg, base = read_metadata(path)
     b, c = base, model.config

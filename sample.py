@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> Path:
         del clip  # T5 reuses its GPU memory
 
     t5, n = encoders.load_text_encoder(args.model, dtype, device), cfg.max_text_seq_length
-    text = t5.encode(args.prompt, n).to(dtype)  # (1, L, text_dim)
-    neg_text = t5.encode(args.negative_prompt, n).to(dtype) if args.guidance > 1 else None
+    text = t5.encode(args.prompt, n)  # (1, L, text_dim), in the encoder's dtype
+    neg_text = t5.encode(args.negative_prompt, n) if args.guidance > 1 else None
     del t5  # off the GPU before the transformer goes on it (a no-op without CUDA)
     gc.collect()
     torch.cuda.empty_cache()
