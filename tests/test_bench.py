@@ -1,10 +1,16 @@
-"""bench.py's profiler measure: the share of a step's wall time spent in matmul and attention kernels."""
+"""bench.py's profiler measure (the share of a step's wall time spent in matmul and attention kernels) and its
+memory-model check; bench_gpu.py's two parts, run small on the CPU."""
 
+import json
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 import adapters
 import bench
+import bench_gpu
 import costs
 import model
 
@@ -28,3 +34,27 @@ def test_memory_model_matches_a_measured_training_step():
     estimate = costs.estimate_training_memory(cfg, 97, 128, 192, n, base_bytes=2).step / 2**20
     measured = bench.peak_memory(kind="train", side="ours", threads=2)["op_mib"]
     assert 0.85 < estimate / measured < 1.15, (estimate, measured)
+
+
+SMOKE = "--device cpu --model tiny --frames 5 --height 32 --width 48 --no-compile".split()
+
+
+def test_bench_gpu_times_the_same_work_on_both_sides(tmp_path):
+    """Its sampling ratio is only a speed comparison if both sides denoise the same latents: same weights,
+    embeddings, noise and scheduler. The training step runs train.py's step and reports costs.py's FLOPs."""
+    out = tmp_path / "gpu.json"
+    bench_gpu.main([*SMOKE, "--steps", "4", "--json", str(out)])  # 4 divides 1000: the two schedules agree
+    r = json.loads(out.read_text())
+    assert r["sample"]["gap"]["ours"] < 1e-4, r["sample"]["gap"]  # measured 5e-6 (fp32)
+    train = r["train"]
+    assert len(train["losses"]) == 6 and all(map(math.isfinite, train["losses"])), train["losses"]
+    flops = costs.estimate_flops(model.get_config("tiny"), 5, 32, 48, 1, None, False, 64)["train_step"]
+    assert train["tflops"] * train["step_s"] * 1e12 == pytest.approx(flops)
+    assert train["peak_gib"] is None and train["trainable"] > 0  # CUDA's allocator counts; the CPU has none
+
+
+@pytest.mark.parametrize("bad", [["--frames", "6"], ["--height", "40"], ["--steps", "0"]])
+def test_bench_gpu_rejects_bad_sizes(bad, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_gpu.main([*SMOKE, *bad])
+    assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
