@@ -181,7 +181,7 @@ class ExpertAdaLN(nn.Module):
     def forward(self, temb: torch.Tensor) -> tuple[Modulation, Modulation]:
         # W·silu(temb)ᵀ, not F.linear: with B rows, CPU BLAS repacks all of W first, ~3.5× slower when cold
         mod = torch.addmm(self.mod.bias[:, None], self.mod.weight, F.silu(temb).T)  # (6D, B)
-        chunks = mod.T[:, None].chunk(6, dim=-1)  # 6 × (B, 1, D)
+        chunks = mod.T.contiguous()[:, None].chunk(6, dim=-1)  # 6 × (B, 1, D); strided, ops run 5× slower
         return Modulation(*chunks[:3]), Modulation(*chunks[3:])  # video, text
 
 
