@@ -230,7 +230,7 @@ def main() -> None:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: its folder does not exist")
     torch.set_num_threads(args.threads)
-    cpu = re.search(r"model name\s*: (.*)", Path("/proc/cpuinfo").read_text())[1]
+    cpu = (re.findall(r"model name\s*: (.*)", Path("/proc/cpuinfo").read_text()) or [os.uname().machine])[0]
     header = (f"{cpu}, {os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}, "
               f"diffusers {diffusers.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip
     print(header, flush=True)
