@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import adapters
 import train
+import vae
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBJECT, MOTION = ROOT / "examples" / "dog6", ROOT / "examples" / "motion.mp4"
@@ -110,6 +111,22 @@ def test_log_holds_each_step_once_after_resume_and_overwrite(tmp_path, cache_dir
     assert steps() == [1, 2, 3, 4, 5, 6]
     run(out, cache_dir, "--steps", "2", "--log-every", "1", "--overwrite")
     assert steps() == [1, 2]
+
+
+def test_validation_video_is_decoded_in_tiles(tmp_path, cache_dir, monkeypatch):
+    """Validation writes samples/step_N.mp4, decoding in spatial tiles: a whole 480x720 decode (about 10 GiB
+    in bf16, extrapolated) would not fit beside the training state on a 24 GB GPU."""
+    seen, validate = [], train.validate
+
+    def spy(step, model, autoencoder, *rest):
+        seen.append((step, autoencoder.tiling))
+        validate(step, model, autoencoder, *rest)
+
+    monkeypatch.setattr(train, "validate", spy)
+    run(tmp_path, cache_dir, "--steps", "2", "--val-every", "2", "--val-steps", "2")
+    assert [step for step, _ in seen] == [2] and isinstance(seen[0][1], vae.Tiling), seen
+    with av.open(str(tmp_path / "samples" / "step_0000002.mp4")) as video:
+        assert video.streams.video[0].frames == 9
 
 
 def test_masking_in_the_real_loop(tmp_path, cache_dir, monkeypatch):
