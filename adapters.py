@@ -191,14 +191,15 @@ def count_parameters(ext: DualAdapters) -> dict[str, int]:
     return counts
 
 
-def save_adapters(ext: DualAdapters, path: str) -> None:
-    """Write adapters + controller to one .safetensors file, atomically (temp file, then os.replace).
+def save_adapters(ext: DualAdapters, path: str, state: dict | None = None) -> None:
+    """Write adapters + controller (ext.state_dict(), or `state` gathered from shards) to one .safetensors
+    file, atomically (temp file, then os.replace).
 
     The header metadata (string values) holds the format tag, the AdapterConfig and the base model's
     essentials (name, num_layers, inner_dim, time_embed_dim) as JSON, so load_adapters can rebuild and check.
     """
     metadata = dict(format=FILE_FORMAT, adapter_config=json.dumps(asdict(ext.cfg)), base=json.dumps(ext.base))
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in ext.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in (state or ext.state_dict()).items()}
     tmp = f"{path}.tmp"
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)

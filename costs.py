@@ -92,18 +92,20 @@ class MemoryEstimate:
 
 def estimate_training_memory(cfg, frames: int, height: int, width: int, trainable_params: int,
                              batch: int = 1, base_bytes: int = 2, grad_checkpointing: bool = True,
-                             adapter_width: int = 64) -> MemoryEstimate:  # fmt: skip
+                             adapter_width: int = 64, shards: int = 1) -> MemoryEstimate:  # fmt: skip
     """Analytic peak memory of a training step with cached latents and embeddings (T5, VAE, CLIP off the GPU).
 
     A block's live activations in bf16, per token, in units of D: the two normalised inputs (2), q/k/v (3),
     the normed and rotated q and k, upcast to fp32 for RoPE (4·2), the attention output and its projection
     (2), the FFN hidden before and after GELU (8), the FFN output (1), and the residual streams (2): ~26·D,
     plus four adapter bottlenecks (4·r, fp32). Without checkpointing every block keeps all of that.
+    `shards` > 1: FSDP2 over that many GPUs, each holding its share of the weights and trainable states
+    (plus the one block being gathered, which is not counted).
     """
     n, text = token_counts(cfg, frames, height, width)
     s, d = n + text, cfg.inner_dim
-    frozen = sum(_param_counts(cfg)) * base_bytes
-    trainable = trainable_params * 4 * 4  # fp32 value, gradient, exp_avg, exp_avg_sq
+    frozen = sum(_param_counts(cfg)) * base_bytes / shards
+    trainable = trainable_params * 4 * 4 / shards  # fp32 value, gradient, exp_avg, exp_avg_sq
     block = batch * s * (26 * d * base_bytes + 4 * adapter_width * 4)
     saved = batch * s * d * base_bytes * cfg.num_layers
     if not grad_checkpointing:

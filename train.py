@@ -13,7 +13,6 @@ VAE latents, T5 and CLIP embeddings are computed once and cached; the encoders t
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -21,14 +20,11 @@ import random
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import adapters
@@ -38,6 +34,7 @@ import data
 import diffusion
 import encoders
 import model as dit
+import parallel
 import vae as vae_lib
 
 # What --resume may change; any other difference means a different run.
@@ -79,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--val-steps", type=int, default=50)
     add("--log-every", type=int, default=10)
     add("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    add("--fsdp", action="store_true", help="under torchrun: shard base and adapters (FSDP2), not DDP")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     add("--adapter-width", type=int, default=64)
     add("--adapter-scale", type=float, default=0.2)
@@ -101,6 +99,8 @@ def setup(args, rank: int):
         folder = checkpoint.find_component(args.model, "transformer")
         cfg = dit.config_from_json(checkpoint.read_config(folder), folder)
     args.height, args.width = args.height or cfg.sample_height * 8, args.width or cfg.sample_width * 8
+    if args.fsdp and ("RANK" not in os.environ or args.l2):  # the L2 term reads weights outside a forward
+        raise ValueError("--fsdp shards the model over torchrun's processes: use torchrun, and no --l2")
     if not 0.0 <= args.motion_ratio <= 1.0:
         raise ValueError(f"--motion-ratio must be in [0, 1], got {args.motion_ratio}")
     positive = "steps subject_batch motion_batch micro_batch groups adapter_width log_every save_every"
@@ -181,25 +181,33 @@ def batch_for(phase: str, cache: dict, args, gen: torch.Generator):
     return z, text.expand(len(z), -1, -1), e
 
 
-def save_checkpoint(out: Path, step: int, ext, opt, rng: random.Random) -> None:
-    """checkpoints/step_N.pt, atomically (temp file, then rename); older ones go; adapters.safetensors too."""
+def save_checkpoint(out: Path, step: int, model, opt, rng: random.Random) -> None:
+    """checkpoints/step_N.pt, atomically (temp file, then rename); older ones go; adapters.safetensors too.
+    Every rank calls it (FSDP2 gathers the shards); rank 0 writes."""
+    weights, optim = parallel.trainable_state(model, opt)  # {"ext.<name>": tensor}, on rank 0 only
+    if not weights:
+        return
     folder = out / "checkpoints"
     folder.mkdir(exist_ok=True)
     path = folder / f"step_{step:07d}.pt"
-    state = dict(step=step, adapters=ext.state_dict(), optimizer=opt.state_dict(), phase_rng=rng.getstate())
+    state = dict(step=step, adapters=weights, optimizer=optim, phase_rng=rng.getstate())
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     for old in set(folder.glob("step_*.pt")) - {path}:
         old.unlink()
-    adapters.save_adapters(ext, str(out / "adapters.safetensors"))
+    named = {k.removeprefix("ext."): v for k, v in weights.items()}  # the adapters' own names
+    adapters.save_adapters(model.ext, str(out / "adapters.safetensors"), named)
 
 
 def validate(step: int, model, vae, cache, schedule, args, latent_shape, device) -> None:
-    """A video of --val-prompt with the sampling machinery (DPM, CFG 6), e = the first subject image."""
+    """A video of --val-prompt with the sampling machinery (DPM, CFG 6), e = the first subject image.
+    Under FSDP2 every rank samples (each forward all-gathers), and rank 0 (which holds the VAE) writes it."""
     dtype, gen = next(model.parameters()).dtype, torch.Generator().manual_seed(args.seed)
     text, e = cache["text"].to(device, dtype), cache["e_subject"][:1].to(device)
     latents = diffusion.sample(model, schedule, text[2:3], text[3:4], (1, *latent_shape), args.val_steps,
                                generator=gen, cond=e, progress=False)  # fmt: skip
+    if vae is None:
+        return
     video = vae.to(device).decode(latents)[0].transpose(0, 1)  # (T, 3, H, W)
     vae.to("cpu")
     data.write_video(Path(args.output_dir) / "samples" / f"step_{step:07d}.mp4", data.to_uint8(video))
@@ -207,14 +215,8 @@ def validate(step: int, model, vae, cache, schedule, args, latent_shape, device)
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    ddp = "RANK" in os.environ  # under torchrun: gloo on CPU, nccl on CUDA. The long timeout lets the
-    if ddp:  # other ranks wait while rank 0 renders a validation video.
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = parallel.init()  # under torchrun: a process group (gloo on CPU, nccl on CUDA)
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else torch.float32
     args.compile = cuda if args.compile is None else args.compile
     try:  # a user's mistake: one line on stderr, exit code 2, nothing written
@@ -223,8 +225,7 @@ def main(argv=None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     train(args, cfg, images, clip, rank, world, device, dtype)
-    if ddp:
-        dist.destroy_process_group()
+    parallel.finish()
 
 
 def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
@@ -239,8 +240,7 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         (out / "config.json.tmp").write_text(json.dumps(dict(args=vars(args), versions=versions), indent=2))
         os.replace(out / "config.json.tmp", out / "config.json")  # atomic: all arguments and versions
         cache = precompute(args, cfg, images, clip, device, dtype)
-    if world > 1:
-        dist.barrier()  # rank 0 has filled the cache; the others read it
+    parallel.barrier()  # rank 0 has filled the cache; the others read it
     cache = cache if master else precompute(args, cfg, images, clip, device, dtype)
     schedule = diffusion.load_schedule(checkpoint.find_scheduler(args.model))
 
@@ -254,14 +254,13 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         ext = adapters.attach(model, acfg)
     for block in model.blocks if args.compile else []:
         block.compile()  # in place, per block: saved keys carry no _orig_mod. prefix
-    net = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    net = parallel.wrap(model, args.fsdp)  # DDP, FSDP2 (sharded in place) or the model itself
     opt = torch.optim.AdamW(ext.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     rng, start = random.Random(args.seed), 0  # the phase sequence: identical on every rank
     ckpts = sorted((out / "checkpoints").glob("step_*.pt")) if args.resume else []
     if ckpts:
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
-        ext.load_state_dict(state["adapters"])
-        opt.load_state_dict(state["optimizer"])
+        parallel.load_trainable_state(model, opt, state["adapters"], state["optimizer"])
         rng.setstate(state["phase_rng"])
         start = state["step"]  # the lr schedule and the phase sequence continue from here
         if master:
@@ -272,6 +271,7 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         vae.tiling = vae_lib.Tiling()
     latent_shape = (cache["clip_mean"].shape[1], cfg.in_channels, args.height // 8, args.width // 8)
     kw = dict(adapter_width=args.adapter_width, grad_checkpointing=args.grad_checkpointing)
+    kw["shards"] = world if args.fsdp else 1  # FSDP2: each rank holds 1/world of the weights and states
     h, w, r = args.height, args.width, args.adapter_width  # model FLOPs for MFU: recomputation not counted
     sizes = dict(identity=(1, args.subject_batch), motion=(args.frames, args.motion_batch))
     flops = {k: costs.estimate_flops(cfg, f, h, w, b, None, False, r) for k, (f, b) in sizes.items()}
@@ -304,7 +304,7 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         for i in range(0, n, micro):  # slices of the batch; each backward adds its share of the gradient
             zi, ni, ti, ci = (x[i : i + micro].to(device) for x in (z, noise, t, text))
             ei = None if e is None else e[i : i + micro].to(device)
-            with contextlib.nullcontext() if world == 1 or i + micro >= n else net.no_sync():  # 1 all-reduce
+            with parallel.accumulating(net, last=i + micro >= n):  # DDP: one all-reduce per step
                 pred = net(schedule.add_noise(zi, ni, ti).to(dtype), ci.to(dtype), ti, cond=ei)
                 loss = F.mse_loss(pred.float(), schedule.velocity(zi, ni, ti).float()) * (len(zi) / n)
                 loss = loss + (adapters.l2_penalty(ext, phase, args.l2) if i == 0 else 0.0)
@@ -336,13 +336,12 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             log.write(json.dumps(rec) + "\n")
             window = [0, 0.0, 0.0]
-        if master and (done % args.save_every == 0 or done == args.steps):
-            save_checkpoint(out, done, ext, opt, rng)
+        if done % args.save_every == 0 or done == args.steps:
+            save_checkpoint(out, done, model, opt, rng)
         if args.val_every and (done % args.val_every == 0 or done == args.steps):
-            if master:
+            if master or args.fsdp:
                 validate(done, model, vae, cache, schedule, args, latent_shape, device)
-            if world > 1:
-                dist.barrier()
+            parallel.barrier()
         t_prev = time.perf_counter()  # saving and validating are not training time
 
 

@@ -77,6 +77,8 @@ def test_memory_routes_of_the_official_batch():
     assert one.total < 24 * 2**30 < three.total
     sharded = (three.frozen_weights + three.trainable_states) / 2
     assert abs(three.total - routes["FSDP2 over 2 GPUs"] - sharded) < 1
+    fsdp = costs.estimate_training_memory(cfg, 49, 480, 720, n, batch=3, shards=2)  # what train.py prints
+    assert abs(fsdp.total - routes["FSDP2 over 2 GPUs"]) < 1 and fsdp.checkpoints == three.checkpoints
     assert abs(three.total - routes["8-bit AdamW moments"] - 6 * n) < 1
 
 
