@@ -157,7 +157,7 @@ class Resample(nn.Module):
         if self.compress_time and x.shape[2] > 1:
             keep = x.shape[2] % 2
             rest = x[:, :, keep:]  # up: repeat each frame; down: average pairs
-            rest = rest.repeat_interleave(2, 2) if self.up else F.avg_pool3d(rest, (2, 1, 1))
+            rest = rest.repeat_interleave(2, 2) if self.up else rest.unflatten(2, (-1, 2)).mean(3)
             x = torch.cat([x[:, :, :keep], rest], dim=2)
         if not self.up:
             x = F.pad(x, (0, 1, 0, 1))  # (B, C, T, H + 1, W + 1)

@@ -324,3 +324,14 @@ def test_truncated_safetensors_is_a_clear_error(ckpt, tmp_path):
     file.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         vae.load_vae(folder)
+
+
+def test_bf16_encode_and_decode_run_on_the_cpu(ckpt):
+    """train.py --dtype bf16 on a CPU encodes in bf16 (its time compression averages frame pairs without
+    avg_pool3d, which the CPU lacks in bf16) and agrees with fp32 to bf16's precision."""
+    full, half = vae.load_vae(ckpt), vae.load_vae(ckpt, dtype=torch.bfloat16)
+    x = video(9)
+    mean, mean16 = full.encode_posterior(x)[0], half.encode_posterior(x.bfloat16())[0]
+    assert mean16.dtype == torch.bfloat16 and mean16.shape == mean.shape
+    assert_close(mean16.float(), mean, "bf16 posterior mean", tol=0.05 * mean.abs().max().item())
+    assert half.decode(mean16).shape == (1, 3, 9, 16, 24)
