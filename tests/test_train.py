@@ -235,6 +235,14 @@ json.dump(log, open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] 
     assert len(set(rank0[1::2])) == 6, "the weights must change at every step"
 
 
+# for probe scripts: a train.phase_at that exits every rank before step $KILL_AT (its checkpoint is on disk)
+KILLED = """def killed(step, rng, args):
+    if step == int(os.environ.get("KILL_AT", -1)):
+        sys.exit(3)
+    return phase_at(step, rng, args)
+"""
+
+
 def test_ddp_resume_continues_each_ranks_own_draws(tmp_path):
     """torchrun, 2 gloo processes, killed after the step-2 checkpoint and resumed: each rank's data, posterior
     and noise draws at steps 2-3 are those of a straight run, and the two ranks never draw alike."""
@@ -249,11 +257,7 @@ def recorded(phase, cache, args, gen):
     with open(os.path.join(os.environ["DRAWS"], "rank" + rank + ".jsonl"), "a") as f:
         f.write(json.dumps(z.flatten()[:4].tolist()) + "\\n")
     return z, text, e
-def killed(step, rng, args):
-    if step == int(os.environ.get("KILL_AT", -1)):
-        sys.exit(3)  # every rank stops before step 2: the step-2 checkpoint is on disk
-    return phase_at(step, rng, args)
-train.batch_for, train.phase_at = recorded, killed
+{KILLED}train.batch_for, train.phase_at = recorded, killed
 train.main(sys.argv[1:])
 """)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -288,11 +292,7 @@ def spy(ext, phase, enabled=True):  # after backward: the whole gradients (FSDP2
     full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g
     grads.append({{k: full(p.grad).clone() for k, p in ext.named_parameters() if p.grad is not None}})
     mask(ext, phase, enabled)
-def killed(step, rng, args):
-    if step == int(os.environ.get("KILL_AT", -1)):
-        sys.exit(3)  # every rank stops before step 2: the step-2 checkpoint is on disk
-    return phase_at(step, rng, args)
-adapters.mask_gradients, train.phase_at = spy, killed
+{KILLED}adapters.mask_gradients, train.phase_at = spy, killed
 train.main(sys.argv[1:])
 torch.save(grads, os.path.join(sys.argv[sys.argv.index("--output-dir") + 1], "grads" + os.environ["RANK"]))
 """)
