@@ -10,7 +10,8 @@ decides how the model is split and how a checkpoint is gathered and put back.
   all-gathered just before the block runs (and again for its recompute under checkpointing) and freed after
   it; gradients are reduce-scattered, so each rank keeps 1/N of the weights, gradients and AdamW moments. The
   embeddings, output head and StageBlender form the root group. Every rank joins every forward (all-gathers),
-  validation videos included.
+  validation videos included. train.py loads the base on the CPU for it: fully_shard moves each group to
+  the GPU as it shards it, so no GPU ever holds the whole base.
 """
 
 import contextlib
@@ -53,8 +54,10 @@ def wrap(model: nn.Module, fsdp: bool) -> nn.Module:
         return model
     if not fsdp:
         return DistributedDataParallel(model, find_unused_parameters=True)
-    for i, block in enumerate(model.blocks):  # one group: the block and the adapters it calls
-        fully_shard([block, model.ext.identity[i], model.ext.motion[i]])
+    for i, block in enumerate(model.blocks):  # one group: the block and the 4 adapters its forward calls
+        # (the adapters themselves: a group is freed after its last module's forward, and a module that never
+        # runs forward, such as their ModuleDicts, would keep it gathered until the model's forward ends)
+        fully_shard([block, *model.ext.identity[i].values(), *model.ext.motion[i].values()])
     return fully_shard(model)  # the root group: embeddings, output head, controller
 
 

@@ -244,7 +244,7 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
     cache = cache if master else precompute(args, cfg, images, clip, device, dtype)
     schedule = diffusion.load_schedule(checkpoint.find_scheduler(args.model))
 
-    model = dit.load_transformer(args.model, dtype, device)
+    model = dit.load_transformer(args.model, dtype, "cpu" if args.fsdp else device)  # FSDP2: moved per shard
     model.grad_checkpointing = args.grad_checkpointing
     isolated = args.schedule == "isolated"  # DreamVideo-style: no controller, the other family switched off
     acfg = adapters.AdapterConfig(args.adapter_width, cache["e_clip"].shape[1], args.adapter_scale,

@@ -277,24 +277,31 @@ train.main(sys.argv[1:])
 
 
 def test_fsdp_trains_as_ddp_does_and_resumes_bitwise(tmp_path):
-    """torchrun, 2 gloo processes with --fsdp (FSDP2: base and adapters sharded; micro-batches of 1): every
-    step's gathered adapter gradients equal DDP's (measured: bitwise on step 1, then within 2e-5 as float
-    sums are ordered differently; a sum-instead-of-mean bug would double the norm). Killed after the step-2
-    checkpoint and resumed, it ends bitwise where the straight run does; validation (every rank samples,
-    rank 0 writes) works."""
+    """torchrun, 2 gloo processes with --fsdp (FSDP2: base and adapters sharded; micro-batches of 1): block
+    0's group is freed before block 1 runs; every step's gathered adapter gradients equal DDP's (measured:
+    bitwise on step 1, then within 2e-5 as float sums are ordered differently; a sum-instead-of-mean bug
+    would double the norm). Killed after the step-2 checkpoint and resumed, it ends bitwise where the
+    straight run does; validation (every rank samples, rank 0 writes) works."""
     probe = tmp_path / "probe.py"
     probe.write_text(f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 import torch, adapters, train
-mask, phase_at, grads = adapters.mask_gradients, train.phase_at, []
+from torch.distributed.tensor import DTensor
+mask, phase_at, branch = adapters.mask_gradients, train.phase_at, adapters.DualAdapters.branch
+grads, sharded = [], []
+def in_block_1(self, i, kind, h, ctx):  # block 0's group (its adapters too) must be freed by now
+    if i == 1 and kind == "attn":
+        sharded.append(isinstance(self.identity[0]["attn"].down.weight, DTensor))
+    return branch(self, i, kind, h, ctx)
 def spy(ext, phase, enabled=True):  # after backward: the whole gradients (FSDP2 gathers its shards)
     full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g
     grads.append({{k: full(p.grad).clone() for k, p in ext.named_parameters() if p.grad is not None}})
     mask(ext, phase, enabled)
-{KILLED}adapters.mask_gradients, train.phase_at = spy, killed
+{KILLED}adapters.mask_gradients, train.phase_at, adapters.DualAdapters.branch = spy, killed, in_block_1
 train.main(sys.argv[1:])
-torch.save(grads, os.path.join(sys.argv[sys.argv.index("--output-dir") + 1], "grads" + os.environ["RANK"]))
+out = os.path.join(sys.argv[sys.argv.index("--output-dir") + 1], "probe" + os.environ["RANK"])
+torch.save(dict(grads=grads, sharded=sharded), out)
 """)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     common = [str(probe), *SMALL, "--subject", str(SUBJECT), "--motion", str(MOTION), "--steps", "4", "--lr",
@@ -307,8 +314,9 @@ torch.save(grads, os.path.join(sys.argv[sys.argv.index("--output-dir") + 1], "gr
         done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True,
                               timeout=600)  # fmt: skip
         assert done.returncode == (1 if env else 0), done.stderr[-3000:]
-    ddp, fsdp = (torch.load(tmp_path / name / "grads0") for name in ("ddp", "fsdp"))
+    (ddp, _), (fsdp, sharded) = (torch.load(tmp_path / n / "probe0").values() for n in ("ddp", "fsdp"))
     assert len(ddp) == len(fsdp) == 4
+    assert len(sharded) >= 4 and all(sharded), "a block's weights stayed gathered while the next block ran"
     for step, (want, got) in enumerate(zip(ddp, fsdp)):
         assert want.keys() == got.keys(), f"step {step}: different parameters have gradients"
         gap = max(((got[k] - w).abs().max() / w.abs().max().clamp(min=1e-30)).item() for k, w in want.items())
