@@ -78,9 +78,16 @@ def trainable_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict,
 def load_trainable_state(model: nn.Module, opt: torch.optim.Optimizer, weights: dict, optim: dict) -> None:
     """Put back what trainable_state returned (every rank passes the whole dicts; under FSDP2 each keeps its
     shard). Every trainable weight must be there; a parameter may lack optimizer state (an adapter family
-    that had not trained yet when the checkpoint was written)."""
+    that had not trained yet when the checkpoint was written), and then has none after loading either."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if trainable.keys() != weights.keys():
+        wrong = sorted(trainable.keys() ^ weights.keys())
+        raise ValueError(f"the checkpoint's trainable weights do not fit this model ({len(wrong)} names "
+                         f"differ, e.g. {wrong[0]})")  # fmt: skip
     set_model_state_dict(model, weights, options=StateDictOptions(**TRAINABLE))
     set_optimizer_state_dict(model, opt, optim, options=StateDictOptions(strict=False, **TRAINABLE))
+    for name in trainable.keys() - optim["state"].keys():  # DCP gives every parameter a state (a step at lr
+        opt.state.pop(trainable[name], None)  # 0); AdamW's bias correction must start where a fresh one would
 
 
 def barrier() -> None:

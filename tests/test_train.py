@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import adapters
+import model as dit
+import parallel
 import train
 import vae
 
@@ -76,9 +78,13 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.8 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
-def test_resume_is_bitwise(tmp_path, cache_dir, monkeypatch):
-    """8 steps straight == 4 steps, a kill, --resume, 4 more: the same adapter tensors, bit for bit."""
-    run(tmp_path / "straight", cache_dir, "--steps", "8", "--save-every", "4")
+@pytest.mark.parametrize("schedule", ["joint", "isolated"])
+def test_resume_is_bitwise(tmp_path, cache_dir, monkeypatch, schedule):
+    """8 steps straight == 4 steps, a kill, --resume, 4 more: the same adapter tensors, bit for bit. isolated:
+    the step-4 checkpoint holds no AdamW state for the motion adapters (they start training at step 4), and
+    the resumed run must not have any either."""
+    args = ("--steps", "8", "--save-every", "4", "--schedule", schedule)
+    run(tmp_path / "straight", cache_dir, *args)
     save = train.save_checkpoint
 
     def save_then_die(out, step, *rest):
@@ -88,15 +94,39 @@ def test_resume_is_bitwise(tmp_path, cache_dir, monkeypatch):
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed", cache_dir, "--steps", "8", "--save-every", "4")
+        run(tmp_path / "killed", cache_dir, *args)
     monkeypatch.setattr(train, "save_checkpoint", save)
-    run(tmp_path / "killed", cache_dir, "--steps", "8", "--save-every", "4", "--resume")
+    run(tmp_path / "killed", cache_dir, *args, "--resume")
     a = load_file(str(tmp_path / "straight" / "adapters.safetensors"))
     b = load_file(str(tmp_path / "killed" / "adapters.safetensors"))
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), f"max abs diff {worst:.3g}"
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step_0000008.pt"]
+
+
+def test_checkpoint_state_round_trips_and_refuses_a_misfit():
+    """parallel.trainable_state -> load_trainable_state restores the weights and AdamW state exactly, leaves a
+    parameter without state when the checkpoint has none for it, and refuses weights that do not fit."""
+    torch.manual_seed(0)
+    model = dit.load_transformer("tiny")
+    ext = adapters.attach(model)
+    opt = torch.optim.AdamW(ext.parameters())
+    model(torch.randn(1, 2, 4, 8, 12), torch.randn(1, 16, 32), torch.tensor([500])).square().mean().backward()
+    adapters.mask_gradients(ext, "identity")  # the motion adapters get no state
+    opt.step()
+    weights, optim = parallel.trainable_state(model, opt)
+    fresh = dit.load_transformer("tiny")
+    fresh_opt = torch.optim.AdamW(adapters.attach(fresh).parameters())
+    parallel.load_trainable_state(fresh, fresh_opt, dict(weights), optim)  # a copy: torch adds to it
+    assert all(torch.equal(a, b) for a, b in zip(ext.parameters(), fresh.ext.parameters()))
+    states = [fresh_opt.state.get(p) for p in fresh.ext.parameters()]
+    want = [opt.state.get(p) for p in ext.parameters()]
+    assert [s is None for s in states] == [s is None for s in want] and any(s is None for s in want)
+    assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) for a, b in zip(states, want) if a is not None)
+    weights.pop("ext.motion.0.attn.up.weight")
+    with pytest.raises(ValueError, match="do not fit this model.*ext.motion.0.attn.up.weight"):
+        parallel.load_trainable_state(fresh, fresh_opt, weights, optim)
 
 
 def test_log_holds_each_step_once_after_resume_and_overwrite(tmp_path, cache_dir, monkeypatch):
