@@ -64,6 +64,11 @@ def gib(device: torch.device, peak: bool = True) -> float | None:
     return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device) / 2**30
 
 
+def latent_shape(cfg, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
+    """(B, F, C, H, W) of the VAE latents of `frames` frames of height x width (4x in time, 8x in space)."""
+    return batch, (frames - 1) // 4 + 1, cfg.in_channels, height // 8, width // 8
+
+
 def train_step(cfg, frames, height, width, device, dtype, compile: bool, steps: int, batch: int = 1) -> dict:
     """Time `steps` DualReal motion steps after a first one (compile and warm-up), as train.py runs them."""
     torch.manual_seed(0)
@@ -75,7 +80,7 @@ def train_step(cfg, frames, height, width, device, dtype, compile: bool, steps: 
         block.compile()  # in place, per block, as train.py does
     opt = torch.optim.AdamW(ext.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-4)
     schedule, gen = diffusion.load_schedule(None), torch.Generator().manual_seed(0)
-    shape = (batch, (frames - 1) // 4 + 1, cfg.in_channels, height // 8, width // 8)  # (B, F, C, H, W)
+    shape = latent_shape(cfg, batch, frames, height, width)
     z = torch.randn(shape, generator=gen).to(device)  # cached, scaled VAE latents
     text = torch.randn(batch, cfg.max_text_seq_length, cfg.text_embed_dim, generator=gen).to(device, dtype)
     e = torch.randn(batch, CLIP_DIM, generator=gen).to(device)
@@ -129,7 +134,7 @@ def sampling(cfg, frames, height, width, device, dtype, compile: bool, steps: in
     gen = torch.Generator().manual_seed(1)
     text, neg = (torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim, generator=gen) for _ in range(2))
     text, neg = text.to(device, dtype), neg.to(device, dtype)
-    shape = (1, (frames - 1) // 4 + 1, cfg.in_channels, height // 8, width // 8)  # (B, F, C, H, W)
+    shape = latent_shape(cfg, 1, frames, height, width)
     schedule, out = diffusion.load_schedule(None), {}
 
     def run(side: str, n: int) -> None:
