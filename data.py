@@ -65,17 +65,20 @@ def display_rgb(frame: av.VideoFrame) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- subject images
-def load_images(folder: str | Path, height: int = 480, width: int = 720) -> Tensor:
-    """The .jpg/.jpeg/.png/.webp images in `folder`, by name -> uint8 (N, height, width, 3); undecodable
-    ones are skipped with a warning naming them, other files (e.g. ATTRIBUTION.md) ignored."""
-    folder = Path(folder)
-    if not folder.is_dir():
+def image_files(folder: str | Path) -> list[Path]:
+    """The .jpg/.jpeg/.png/.webp files in `folder`, by name; other files (e.g. ATTRIBUTION.md) are ignored."""
+    if not (folder := Path(folder)).is_dir():
         raise FileNotFoundError(f"subject folder not found: {folder} (pass a folder of .jpg/.png images)")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
         found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise ValueError(f"no .jpg/.jpeg/.png/.webp images in {folder} (found: {found})")
-    images = []
+    return files
+
+
+def load_images(folder: str | Path, height: int = 480, width: int = 720) -> Tensor:
+    """image_files(folder) -> uint8 (N, height, width, 3); undecodable ones are skipped with a warning."""
+    files, images = image_files(folder), []
     for path in files:
         try:
             with av.open(str(path)) as container:
@@ -147,11 +150,9 @@ def load_clip(
     frames = torch.stack([converted[id(f)] for _, f in picked])  # (num_frames, H, W, 3)
     info = ClipInfo(str(path), src_fps, duration, None if native else fps, [t for t, _ in picked], repeated)
     if repeated:
-        warnings.warn(
-            f"{path} is too short for {num_frames} frames from {start} s (it ends at {end:.2f} s): "
-            f"repeating its last frame {repeated} times; pass a longer clip or a lower --fps",
-            stacklevel=2,
-        )
+        warnings.warn(f"{path} is too short for {num_frames} frames from {start} s (it ends at {end:.2f} s): "
+                      f"repeating its last frame {repeated} times; pass a longer clip or a lower --fps",
+                      stacklevel=2)  # fmt: skip
     return frames, info
 
 
@@ -195,9 +196,8 @@ def write_video(path: str | Path, frames: Tensor | np.ndarray, fps: int | Fracti
     depends on the thread count) and bframes=0 (with B-frames, small frames drifted between runs in tests)."""
     frames = torch.as_tensor(frames)
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(
-            f"need uint8 frames (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}; see to_uint8"
-        )
+        raise ValueError(f"need uint8 frames (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}; "
+                         "see to_uint8")  # fmt: skip
     _, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise ValueError(f"H.264 yuv420p needs an even height and width, got {height}x{width}")

@@ -145,7 +145,7 @@ def precompute(args, cfg, images, clip, device, dtype) -> dict[str, torch.Tensor
         return dict(subject_mean=subject[0], subject_logvar=subject[1], clip_mean=motion[0], scale=scale,
                     clip_logvar=motion[1], text=text, e_clip=e_clip, e_subject=e_subject)  # fmt: skip
 
-    files = sorted(p for p in Path(args.subject).iterdir() if p.suffix.lower() in data.IMAGE_EXTS)
+    files = data.image_files(args.subject)
     sizes = [args.height, args.width, args.frames, args.fps, args.native_frames]
     extra = json.dumps([prompts, sizes, str(dtype)])
     key = data.cache_key([*files, args.motion], f"{args.model}|{args.clip_model}", extra)

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from fractions import Fraction
@@ -445,6 +446,15 @@ def test_output_dir_of_another_run(tmp_path, cache_dir, capsys):
     assert hashlib.sha256((out / "config.json").read_bytes()).hexdigest() == before
     run(out, cache_dir, "--steps", "1", "--seed", "7", "--overwrite")  # --overwrite starts over
     assert json.loads((out / "config.json").read_text())["args"]["seed"] == 7
+
+
+def test_subject_folder_may_hold_a_folder_named_like_an_image(tmp_path, cache_dir):
+    subject, out = tmp_path / "subject", tmp_path / "out"
+    shutil.copytree(SUBJECT, subject)
+    (subject / "old.jpg").mkdir()  # skipped by the loader, and by the cache key that hashes the images
+    train.main([*SMALL, "--subject", str(subject), "--motion", str(MOTION), "--output-dir", str(out),
+                "--cache-dir", cache_dir, "--steps", "1"])  # fmt: skip
+    assert (out / "adapters.safetensors").is_file()
 
 
 class _nothing:
