@@ -15,7 +15,7 @@ Placement follows the official code, not the paper's figure: in each block there
 (identity and motion, on the attention and on the feed-forward sub-layer). Each reads the same
 normalized, AdaLN-modulated input h as its sub-layer, over text and video tokens alike, and its delta
 is added to the sub-layer output before the AdaLN gate. That hook is model.py's extension point
-(`model.ext`, `ext.begin`, `ext.branch`); this file implements it.
+(`model.ext`, `ext.begin`, `ext.hook`); this file implements it.
 
 Our one deliberate departure from the official code, whose adapter returns x + Δ (adding 0.2·x to every
 sub-layer at step 0): we add only Δ, so at init the adapted model is exactly the base model (tested).
@@ -24,8 +24,10 @@ Shapes: B batch, T = L + N tokens ([text; video], text first), D model width, d 
 E image-embedding width (e), n controller groups.
 """
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -53,7 +55,7 @@ class AdapterConfig:
 
 @dataclass
 class Blend:
-    """What begin() hands to every branch() of one forward pass."""
+    """What begin() hands to every hook() of one forward pass."""
 
     omega: torch.Tensor  # (B, n) fp32: motion share per group
     e: torch.Tensor | None  # (B or 1, E) fp32 image embedding, None in the identity phase
@@ -103,9 +105,8 @@ class DualAdapters(nn.Module):
         timestep embedding (B, time_dim). cond is e (B, E) in the motion phase and at inference, else None."""
         batch, dtype, e_dim = tokens.shape[0], self.identity[0]["attn"].up.weight.dtype, self.cfg.cond_dim
         if cond is not None and (cond.ndim != 2 or cond.shape[0] not in (1, batch) or cond.shape[1] != e_dim):
-            raise ValueError(
-                f"the image embedding e must be ({batch} or 1, {e_dim}), got {tuple(cond.shape)}"
-            )
+            raise ValueError(f"the image embedding e must be ({batch} or 1, {e_dim}), "
+                             f"got {tuple(cond.shape)}")  # fmt: skip
         if self.controller is not None:
             omega = self.controller(tokens, temb)  # (B, n)
         else:  # --no-controller: a fixed share, 0.5 (--schedule isolated trains with 0, then 1)
@@ -113,13 +114,18 @@ class DualAdapters(nn.Module):
         self.last_omega = omega.detach()
         return Blend(omega=omega, e=None if cond is None else cond.to(dtype))
 
-    def branch(self, i: int, kind: str, h: torch.Tensor, ctx: Blend) -> torch.Tensor:
-        """eq. (3): the delta that block i adds to its `kind` sub-layer output, before the AdaLN gate.
-        h (B, T, D) in the base dtype; computed in fp32, returned in h.dtype."""
-        x = h.to(self.identity[i][kind].up.weight.dtype)
+    def hook(self, i: int, ctx: Blend) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """Block i's branch(kind, h), its adapters and group share bound here, outside the block: a compiled
+        block sees modules and tensors, never i (an int is guarded: a graph per block, eager past 8)."""
         w = ctx.omega[:, self.groups[i], None, None]  # (B, n) -> (B, 1, 1): this block's group
-        d_mo = self.motion[i][kind](x, ctx.e)  # (B, T, D), eq. (2)
-        d_id = self.identity[i][kind](x)  # (B, T, D), eq. (1)
+        return functools.partial(self.branch, self.identity[i], self.motion[i], w, ctx.e)
+
+    def branch(self, identity: nn.ModuleDict, motion: nn.ModuleDict, w, e, kind: str, h: torch.Tensor):
+        """eq. (3): the delta a block adds to its `kind` sub-layer output, before the AdaLN gate, from its
+        adapters, its group's share w (B, 1, 1) and h (B, T, D) in the base dtype; fp32 inside."""
+        x = h.to(identity[kind].up.weight.dtype)
+        d_mo = motion[kind](x, e)  # (B, T, D), eq. (2)
+        d_id = identity[kind](x)  # (B, T, D), eq. (1)
         return (self.cfg.scale * (w * d_mo + (1 - w) * d_id)).to(h.dtype)
 
     def family_params(self, family: str) -> list[nn.Parameter]:
@@ -139,15 +145,11 @@ def attach(model: nn.Module, cfg: AdapterConfig | None = None) -> DualAdapters:
     """
     if getattr(model, "ext", None) is not None:
         raise ValueError("this model already has adapters attached; call adapters.detach(model) first")
-    c = model.config
+    c, cfg = model.config, cfg or AdapterConfig()
     model.requires_grad_(False)  # before model.ext is set, so the adapters stay trainable
-    device = next(model.parameters()).device
-    with torch.device(device):
-        ext = DualAdapters(
-            c.num_layers, c.inner_dim, c.time_embed_dim, cfg or AdapterConfig(), str(model.name)
-        )
-    model.ext = ext
-    return ext
+    with torch.device(next(model.parameters()).device):
+        model.ext = DualAdapters(c.num_layers, c.inner_dim, c.time_embed_dim, cfg, str(model.name))
+    return model.ext
 
 
 def detach(model: nn.Module) -> DualAdapters | None:
@@ -239,9 +241,8 @@ def load_adapters(model: nn.Module, path: str, cfg: AdapterConfig | None = None)
     for want in [x for x in (cfg, None if ext is None else ext.cfg) if x is not None]:
         names = [f.name for f in fields(want) if getattr(file_cfg, f.name) != getattr(want, f.name)]
         if names:
-            diff = "; ".join(
-                f"{n}={getattr(file_cfg, n)!r} in the file, {getattr(want, n)!r} here" for n in names
-            )
+            diff = "; ".join(f"{n}={getattr(file_cfg, n)!r} in the file, {getattr(want, n)!r} here"
+                             for n in names)  # fmt: skip
             raise ValueError(f"adapter config mismatch for {path}: {diff}")
     ext = ext if ext is not None else attach(model, file_cfg)
     # strict: every key used, every parameter filled; copies into the existing fp32 parameters

@@ -247,7 +247,7 @@ class CogVideoXTransformer(nn.Module):
 
     Extension point: `model.ext` is None (the base model, bitwise) or an nn.Module with
       ext.begin(tokens (B, S, D), temb (B, E), cond) -> ctx   once per forward, on the block-0 input
-      ext.branch(i, kind, h (B, S, D), ctx) -> delta          per block i and kind in ("attn", "ff")
+      ext.hook(i, ctx) -> branch(kind, h (B, S, D)) -> delta   block i's, kind in ("attn", "ff")
     DualReal's adapters and StageBlender controller (adapters.py) plug in here.
     """
 
@@ -288,7 +288,7 @@ class CogVideoXTransformer(nn.Module):
 
         ctx = self.ext.begin(torch.cat([e, x], dim=1), temb, cond) if self.ext is not None else None
         for i, block in enumerate(self.blocks):
-            branch = (lambda kind, h, i=i: self.ext.branch(i, kind, h, ctx)) if self.ext is not None else None
+            branch = self.ext.hook(i, ctx) if self.ext is not None else None  # built outside the block
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x, e = grad_checkpoint(block, x, e, temb, rope, branch, use_reentrant=False)
             else:

@@ -5,6 +5,8 @@ mask keeps the frozen family bitwise unchanged under AdamW (and zeroing instead 
 only through the motion adapters, the group mapping, save/load, and the official parameter counts.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -90,8 +92,31 @@ def test_branch_is_the_blend_of_eq_1_to_3(tiny):
     d_id = lin(id_.up, gelu(lin(id_.down, h)))
     w = omega[:, 1, None, None]
     want = 0.2 * (w * d_mo + (1 - w) * d_id)
-    got = ext.branch(1, "ff", h, adapters.Blend(omega=omega, e=e))
+    got = ext.hook(1, adapters.Blend(omega=omega, e=e))("ff", h)
     assert torch.allclose(got, want, atol=1e-6), diff(got, want)
+
+
+def test_compiled_blocks_share_graphs_past_dynamos_recompile_limit():
+    """train.py compiles each block. With 10 blocks (more than torch._dynamo's limit of 8 graphs per function)
+    all blocks must share a few graphs: block 0 (its text input needs no grad) and the rest, per phase. Block
+    indices reaching the compiled code made one graph per block, and blocks past the 8th ran eager."""
+    from torch._dynamo.utils import counters
+
+    net = M.CogVideoXTransformer(replace(M.get_config("tiny"), num_layers=10))
+    adapters.attach(net, CFG)
+    net.grad_checkpointing = True  # as train.py runs it
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for block in net.blocks:
+            block.compile(backend="eager")  # dynamo's guards decide the graphs; Inductor is not needed
+        for phase in ("identity", "motion"):
+            lat, text, t, e, _ = batch(frames=1 if phase == "identity" else 3)
+            net(lat, text, t, e if phase == "motion" else None).square().mean().backward()
+        frames, graphs = dict(counters["frames"]), counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert frames["ok"] == frames["total"] and graphs <= 4, (frames, graphs)
 
 
 def test_controller_starts_at_one_half():

@@ -102,9 +102,12 @@ class ZeroExtension(torch.nn.Module):
         self.calls.append(("begin", tuple(tokens.shape), tuple(temb.shape), cond))
         return "ctx"
 
-    def branch(self, i, kind, h, ctx):
-        self.calls.append((i, kind, tuple(h.shape), ctx))
-        return torch.zeros_like(h)
+    def hook(self, i, ctx):
+        def branch(kind, h):
+            self.calls.append((i, kind, tuple(h.shape), ctx))
+            return torch.zeros_like(h)
+
+        return branch
 
 
 def test_extension_point_contract_and_no_op_is_bitwise():

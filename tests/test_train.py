@@ -319,17 +319,17 @@ import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 import torch, adapters, train
 from torch.distributed.tensor import DTensor
-mask, phase_at, branch = adapters.mask_gradients, train.phase_at, adapters.DualAdapters.branch
+mask, phase_at, hook = adapters.mask_gradients, train.phase_at, adapters.DualAdapters.hook
 grads, sharded = [], []
-def in_block_1(self, i, kind, h, ctx):  # block 0's group (its adapters too) must be freed by now
-    if i == 1 and kind == "attn":
+def in_block_1(self, i, ctx):  # just before block 1 runs, block 0's group (its adapters too) is freed
+    if i == 1:
         sharded.append(isinstance(self.identity[0]["attn"].down.weight, DTensor))
-    return branch(self, i, kind, h, ctx)
+    return hook(self, i, ctx)
 def spy(ext, phase, enabled=True):  # after backward: the whole gradients (FSDP2 gathers its shards)
     full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g
     grads.append({{k: full(p.grad).clone() for k, p in ext.named_parameters() if p.grad is not None}})
     mask(ext, phase, enabled)
-{KILLED}adapters.mask_gradients, train.phase_at, adapters.DualAdapters.branch = spy, killed, in_block_1
+{KILLED}adapters.mask_gradients, train.phase_at, adapters.DualAdapters.hook = spy, killed, in_block_1
 train.main(sys.argv[1:])
 out = os.path.join(sys.argv[sys.argv.index("--output-dir") + 1], "probe" + os.environ["RANK"])
 torch.save(dict(grads=grads, sharded=sharded), out)
