@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -103,14 +104,14 @@ def setup(args, rank: int):
         raise ValueError("--fsdp shards the model over torchrun's processes: use torchrun, and no --l2")
     if not 0.0 <= args.motion_ratio <= 1.0:
         raise ValueError(f"--motion-ratio must be in [0, 1], got {args.motion_ratio}")
-    positive = "steps subject_batch motion_batch micro_batch groups adapter_width log_every save_every"
-    for flag in [f for f in positive.split() if getattr(args, f) is not None and getattr(args, f) < 1]:
-        raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    low = dict(steps=1, subject_batch=1, motion_batch=1, micro_batch=1, groups=1, adapter_width=1)
+    low |= dict(val_steps=1, log_every=1, save_every=1, val_every=0, warmup=0, lr=0, weight_decay=0, l2=0)
+    for flag in [f for f, v in low.items() if getattr(args, f) is not None and getattr(args, f) < v]:
+        raise ValueError(f"--{flag.replace('_', '-')} must be >= {low[flag]}, got {getattr(args, flag)}")
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
         raise ValueError(f"need 4k+1 --frames and --height, --width divisible by 16; got {args.frames} "
                          f"frames of {args.height}x{args.width}")  # fmt: skip
-    config = Path(args.output_dir) / "config.json"
-    if config.is_file() and not args.overwrite:
+    if (config := Path(args.output_dir) / "config.json").is_file() and not args.overwrite:
         if not args.resume:
             raise ValueError(f"{args.output_dir} already holds a run: --resume it or --overwrite it")
         old = json.loads(config.read_text())["args"]
@@ -145,10 +146,9 @@ def precompute(args, cfg, images, clip, device, dtype) -> dict[str, torch.Tensor
         return dict(subject_mean=subject[0], subject_logvar=subject[1], clip_mean=motion[0], scale=scale,
                     clip_logvar=motion[1], text=text, e_clip=e_clip, e_subject=e_subject)  # fmt: skip
 
-    files = data.image_files(args.subject)
-    sizes = [args.height, args.width, args.frames, args.fps, args.native_frames]
-    extra = json.dumps([prompts, sizes, str(dtype)])
-    key = data.cache_key([*files, args.motion], f"{args.model}|{args.clip_model}", extra)
+    sizes = [args.height, args.width, args.frames, args.fps, args.native_frames, str(dtype)]
+    files, ids = [*data.image_files(args.subject), args.motion], f"{args.model}|{args.clip_model}"
+    key = data.cache_key(files, ids, json.dumps([prompts, sizes]))
     return data.load_or_compute(args.cache_dir, key, compute)
 
 
@@ -181,16 +181,15 @@ def batch_for(phase: str, cache: dict, args, gen: torch.Generator):
     return z, text.expand(len(z), -1, -1), e
 
 
-def save_checkpoint(out: Path, step: int, model, opt, rng: random.Random) -> None:
+def save_checkpoint(out: Path, step: int, model, opt, rng: random.Random, ema: dict) -> None:
     """checkpoints/step_N.pt, atomically (temp file, then rename); older ones go; adapters.safetensors too.
     Every rank calls it (FSDP2 gathers the shards); rank 0 writes."""
     weights, optim = parallel.trainable_state(model, opt)  # {"ext.<name>": tensor}, on rank 0 only
     if not weights:
         return
-    folder = out / "checkpoints"
-    folder.mkdir(exist_ok=True)
+    (folder := out / "checkpoints").mkdir(exist_ok=True)
     path = folder / f"step_{step:07d}.pt"
-    state = dict(step=step, adapters=weights, optimizer=optim, phase_rng=rng.getstate())
+    state = dict(step=step, adapters=weights, optimizer=optim, phase_rng=rng.getstate(), ema=ema)
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     for old in set(folder.glob("step_*.pt")) - {path}:
@@ -203,6 +202,7 @@ def validate(step: int, model, vae, cache, schedule, args, latent_shape, device)
     """A video of --val-prompt with the sampling machinery (DPM, CFG 6), e = the first subject image.
     Under FSDP2 every rank samples (each forward all-gathers), and rank 0 (which holds the VAE) writes it."""
     dtype, gen = next(model.parameters()).dtype, torch.Generator().manual_seed(args.seed)
+    model.ext.fixed_omega = 0.5  # without the controller, both families at inference (isolated trained 0, 1)
     text, e = cache["text"].to(device, dtype), cache["e_subject"][:1].to(device)
     latents = diffusion.sample(model, schedule, text[2:3], text[3:4], (1, *latent_shape), args.val_steps,
                                generator=gen, cond=e, progress=False)  # fmt: skip
@@ -219,32 +219,33 @@ def main(argv=None) -> None:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else torch.float32
     args.compile = cuda if args.compile is None else args.compile
-    try:  # a user's mistake: one line on stderr, exit code 2, nothing written
+    try:  # a user's mistake (flags, files, encoder weights): one line on stderr, exit code 2, nothing written
         cfg, images, clip = setup(args, rank)
+        cache = precompute(args, cfg, images, clip, device, dtype) if rank == 0 else None
+        parallel.barrier()  # rank 0 has filled the cache, and every rank has checked --output-dir
+        cache = cache or precompute(args, cfg, images, clip, device, dtype)  # the others read it
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    train(args, cfg, images, clip, rank, world, device, dtype)
+    train(args, cfg, cache, rank, world, device, dtype)
     parallel.finish()
 
 
-def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
+def train(args, cfg, cache, rank, world, device, dtype) -> None:
     out, master = Path(args.output_dir), rank == 0
     if master:
         out.mkdir(parents=True, exist_ok=True)
         for old in (out / "checkpoints").glob("step_*.pt") if args.overwrite else []:
             old.unlink()
-        git = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+        cmd = ["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"]
+        git = shutil.which("git") and subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
         versions = dict(torch=torch.__version__, transformers=__import__("transformers").__version__, git=git)
         (out / "config.json.tmp").write_text(json.dumps(dict(args=vars(args), versions=versions), indent=2))
         os.replace(out / "config.json.tmp", out / "config.json")  # atomic: all arguments and versions
-        cache = precompute(args, cfg, images, clip, device, dtype)
-    parallel.barrier()  # rank 0 has filled the cache; the others read it
-    cache = cache if master else precompute(args, cfg, images, clip, device, dtype)
     schedule = diffusion.load_schedule(checkpoint.find_scheduler(args.model))
 
-    model = dit.load_transformer(args.model, dtype, "cpu" if args.fsdp else device)  # FSDP2: moved per shard
+    on = "cpu" if args.fsdp and world > 1 else device  # FSDP2: fully_shard moves each group to the GPU
+    model = dit.load_transformer(args.model, dtype, on)
     model.grad_checkpointing = args.grad_checkpointing
     isolated = args.schedule == "isolated"  # DreamVideo-style: no controller, the other family switched off
     acfg = adapters.AdapterConfig(args.adapter_width, cache["e_clip"].shape[1], args.adapter_scale,
@@ -256,13 +257,13 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         block.compile()  # in place, per block: saved keys carry no _orig_mod. prefix
     net = parallel.wrap(model, args.fsdp)  # DDP, FSDP2 (sharded in place) or the model itself
     opt = torch.optim.AdamW(ext.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    rng, start = random.Random(args.seed), 0  # the phase sequence: identical on every rank
+    rng, start, ema = random.Random(args.seed), 0, {}  # phase sequence (identical on every rank); EMA losses
     ckpts = sorted((out / "checkpoints").glob("step_*.pt")) if args.resume else []
     if ckpts:
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
         parallel.load_trainable_state(model, opt, state["adapters"], state["optimizer"])
         rng.setstate(state["phase_rng"])
-        start = state["step"]  # the lr schedule and the phase sequence continue from here
+        start, ema = state["step"], state["ema"]  # the lr schedule, phases and loss EMAs continue from here
         if master:
             print(f"resumed from {ckpts[-1]} at step {start}")
 
@@ -283,7 +284,7 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
         summary = costs.describe(model, n, flops, mem, micro)
         print(f"device {device} x{world}, base {dtype}, compile {args.compile}\n{summary}")
 
-    ema, seen, window = {}, set(), [0, 0.0, 0.0]  # EMA loss per phase; phases already run; [steps, s, FLOPs]
+    seen, window = set(), [0, 0.0, 0.0]  # phases already run; [steps, s, FLOPs] since the last log
     if master:  # a fresh run starts its log; a resumed one drops what was logged after its checkpoint
         old = (out / "log.jsonl").read_text().splitlines() if start and (out / "log.jsonl").exists() else []
         (out / "log.jsonl").write_text("".join(f"{r}\n" for r in old if json.loads(r)["step"] <= start))
@@ -337,7 +338,7 @@ def train(args, cfg, images, clip, rank, world, device, dtype) -> None:
             log.write(json.dumps(rec) + "\n")
             window = [0, 0.0, 0.0]
         if done % args.save_every == 0 or done == args.steps:
-            save_checkpoint(out, done, model, opt, rng)
+            save_checkpoint(out, done, model, opt, rng, ema)
         if args.val_every and (done % args.val_every == 0 or done == args.steps):
             if master or args.fsdp:
                 validate(done, model, vae, cache, schedule, args, latent_shape, device)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapters
+import diffusion
 import model as dit
 import parallel
 import train
@@ -81,9 +82,9 @@ def test_loss_falls_on_a_fixed_batch():
 
 @pytest.mark.parametrize("schedule", ["joint", "isolated"])
 def test_resume_is_bitwise(tmp_path, cache_dir, monkeypatch, schedule):
-    """8 steps straight == 4 steps, a kill, --resume, 4 more: the same adapter tensors, bit for bit. isolated:
-    the step-4 checkpoint holds no AdamW state for the motion adapters (they start training at step 4), and
-    the resumed run must not have any either."""
+    """8 steps straight == 4 steps, a kill, --resume, 4 more: the same adapter tensors and logged loss
+    averages, bit for bit. isolated: the step-4 checkpoint holds no AdamW state for the motion adapters (they
+    start training at step 4), and the resumed run must not have any either."""
     args = ("--steps", "8", "--save-every", "4", "--schedule", schedule)
     run(tmp_path / "straight", cache_dir, *args)
     save = train.save_checkpoint
@@ -104,6 +105,9 @@ def test_resume_is_bitwise(tmp_path, cache_dir, monkeypatch, schedule):
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), f"max abs diff {worst:.3g}"
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step_0000008.pt"]
+    logs = [(tmp_path / name / "log.jsonl").read_text().splitlines() for name in ("straight", "killed")]
+    last = [json.loads(log[-1]) for log in logs]
+    assert last[0]["ema"] == last[1]["ema"], "the logged loss averages restarted on resume"
 
 
 def test_checkpoint_state_round_trips_and_refuses_a_misfit():
@@ -219,19 +223,27 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, cache_dir, 
 
 def test_isolated_schedule_trains_identity_then_motion_alone(tmp_path, cache_dir, monkeypatch):
     """--schedule isolated (w/o dual-aware adaptation): a block of identity steps with the motion family
-    switched off (ω = 0), then motion steps with the identity family off (ω = 1); no controller."""
-    seen, mask = [], adapters.mask_gradients
+    switched off (ω = 0), then motion steps with the identity family off (ω = 1); no controller. Validation
+    samples as inference does, with both families at ω = 0.5."""
+    seen, validated, mask, sample = [], [], adapters.mask_gradients, diffusion.sample
 
     def spy(ext, phase, enabled=True):
         mask(ext, phase, enabled)
         seen.append((phase, ext.controller, ext.last_omega.clone()))
 
+    def sample_spy(model, *args, **kw):
+        validated.append(model.ext.fixed_omega)
+        return sample(model, *args, **kw)
+
     monkeypatch.setattr(adapters, "mask_gradients", spy)
-    run(tmp_path / "run", cache_dir, "--steps", "6", "--schedule", "isolated", "--warmup", "0")
+    monkeypatch.setattr(diffusion, "sample", sample_spy)
+    run(tmp_path / "run", cache_dir, "--steps", "6", "--schedule", "isolated", "--warmup", "0", "--val-every",
+        "3", "--val-steps", "1")  # fmt: skip
     assert [phase for phase, *_ in seen] == ["identity"] * 3 + ["motion"] * 3
     assert all(controller is None for _, controller, _ in seen)
     for phase, _, omega in seen:
         assert torch.equal(omega, torch.full_like(omega, 1.0 if phase == "motion" else 0.0)), phase
+    assert validated == [0.5, 0.5]
 
 
 def test_ddp_two_processes_share_phases_and_weights(tmp_path):
@@ -411,6 +423,10 @@ def bad_inputs(tmp: Path) -> dict:
         "steps": (["--steps", "0"], "--steps must be >= 1"),
         "micro batch": (["--micro-batch", "0"], "--micro-batch must be >= 1"),
         "save every": (["--save-every", "0"], "--save-every must be >= 1"),
+        "val steps": (["--val-steps", "0"], "--val-steps must be >= 1"),
+        "learning rate": (["--lr", "-1"], "--lr must be >= 0"),
+        "warmup": (["--warmup", "-5"], "--warmup must be >= 0"),
+        "missing clip model": (["--clip-model", str(tmp / "noclip")], "noclip: no such folder"),
         "fsdp without torchrun": (["--fsdp"], "--fsdp shards the model over torchrun's processes"),
         "frames": (["--frames", "10"], "4k\\+1"),
     }
@@ -455,6 +471,21 @@ def test_subject_folder_may_hold_a_folder_named_like_an_image(tmp_path, cache_di
     train.main([*SMALL, "--subject", str(subject), "--motion", str(MOTION), "--output-dir", str(out),
                 "--cache-dir", cache_dir, "--steps", "1"])  # fmt: skip
     assert (out / "adapters.safetensors").is_file()
+
+
+def test_rank_0_writes_into_the_output_dir_only_after_every_rank_checked_it(tmp_path, cache_dir, monkeypatch):
+    """Under torchrun every rank's setup refuses an --output-dir that holds a run. Rank 0 wrote config.json
+    before the ranks met, so a slower rank found it and stopped: "already holds a run"."""
+    out, met = tmp_path / "run", []
+    monkeypatch.setattr(parallel, "barrier", lambda: met.append(out.exists()))
+    run(out, cache_dir, "--steps", "1")
+    assert met[0] is False and (out / "config.json").is_file()
+
+
+def test_runs_without_git_on_the_path(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # slim containers: no git; config.json records none
+    run(tmp_path / "run", cache_dir, "--steps", "1")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["versions"]["git"] is None
 
 
 class _nothing:
