@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="default: the model's trained size (720 for CogVideoX)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="sample.mp4")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--device", help="default: cuda if available, else cpu")
@@ -68,11 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_output(out: str) -> Path:
-    """Fail before any model loads if the mp4 cannot be written (a write probe: root ignores permissions)."""
+def check_output(out: str, overwrite: bool = False) -> Path:
+    """Fail before any model loads if the mp4 cannot be written (a write probe: root ignores permissions)
+    or would replace a file without --overwrite."""
     path = Path(out)
     if path.suffix.lower() != ".mp4" or path.is_dir():
         raise ValueError(f"--out {out} must be an .mp4 file path")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists: pass --overwrite to replace it, or another --out")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path.parent).close()
@@ -123,7 +127,8 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--height and --width must be multiples of 16, got {args.height} and {args.width}")
     if bool(args.adapters) != bool(args.reference):
         raise ValueError("--adapters and --reference go together: the adapters need e from a subject image")
-    out, schedule = check_output(args.out), diffusion.load_schedule(checkpoint.find_scheduler(args.model))
+    out = check_output(args.out, args.overwrite)
+    schedule = diffusion.load_schedule(checkpoint.find_scheduler(args.model))
 
     # The transformer waits on the CPU (memory-mapped) until the encoders have left the GPU.
     transformer = model.load_transformer(args.model, dtype).eval()

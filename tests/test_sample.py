@@ -152,6 +152,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("inputs")
     (folder / "file").write_text("a file where a folder should be")
     (folder / "notes.jpg").write_text("not an image")
+    (folder / "taken.mp4").write_text("a video the user keeps")
     good, dim16, deep = adapters_file(folder), adapters_file(folder, 16), adapters_file(folder, num_layers=3)
     return dict(dir=folder, good=good, dim16=dim16, deep=deep)
 
@@ -164,6 +165,7 @@ BAD = {  # name -> (extra arguments, given the `inputs` paths; a phrase the one-
     "steps zero": (lambda p: ["--steps", "0"], "--steps >= 1"),
     "out not mp4": (lambda p: ["--out", str(p["dir"] / "video.avi")], ".mp4"),
     "out unwritable": (lambda p: ["--out", str(p["dir"] / "file" / "x.mp4")], "cannot write"),
+    "out exists": (lambda p: ["--out", str(p["dir"] / "taken.mp4")], "exists: pass --overwrite"),
     "unknown device": (lambda p: ["--device", "tpu"], "--device tpu"),
     "no checkpoint": (lambda p: ["--model", str(p["dir"] / "missing")], "no folder"),
     "reference alone": (lambda p: ["--reference", str(IMAGE)], "--adapters and --reference"),
