@@ -74,9 +74,10 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
-        if self.cond is not None and e is not None:
-            x = x + self.cond(e)[:, None, :]  # e (B, E) -> (B, 1, D), the same vector added to every token
-        return self.up(F.gelu(self.down(x)))  # (B, T, D) -> (B, T, d) -> (B, T, D)
+        z = self.down(x)  # (B, T, D) -> (B, T, d)
+        if self.cond is not None and e is not None:  # W_down(x + W_cond e) = W_down x + W_down W_cond e:
+            z = z + F.linear(self.cond(e), self.down.weight)[:, None]  # backward keeps one x for 2 adapters
+        return self.up(F.gelu(z))  # (B, T, d) -> (B, T, D)
 
 
 class DualAdapters(nn.Module):
@@ -126,7 +127,7 @@ class DualAdapters(nn.Module):
         x = h.to(identity[kind].up.weight.dtype)
         d_mo = motion[kind](x, e)  # (B, T, D), eq. (2)
         d_id = identity[kind](x)  # (B, T, D), eq. (1)
-        return (self.cfg.scale * (w * d_mo + (1 - w) * d_id)).to(h.dtype)
+        return (self.cfg.scale * (d_id + w * (d_mo - d_id))).to(h.dtype)  # ω's gradient keeps one (B, T, D)
 
     def family_params(self, family: str) -> list[nn.Parameter]:
         """The parameters of one family: "identity", "motion" or "controller" (empty without controller)."""
@@ -179,10 +180,8 @@ def l2_penalty(ext: DualAdapters, phase: str, weight: float) -> torch.Tensor:
     The official code has no such term, so the default λ = 0 returns a zero tensor without any work."""
     if phase not in ("identity", "motion"):
         raise ValueError(f"phase must be 'identity' or 'motion', got {phase!r}")
-    params = ext.family_params(phase)
-    if weight == 0:
-        return torch.zeros((), device=params[0].device)
-    return weight * sum(p.pow(2).sum() for p in params)
+    ps = ext.family_params(phase)
+    return weight * sum(p.pow(2).sum() for p in ps) if weight else torch.zeros((), device=ps[0].device)
 
 
 def count_parameters(ext: DualAdapters) -> dict[str, int]:

@@ -95,10 +95,12 @@ def estimate_training_memory(cfg, frames: int, height: int, width: int, trainabl
                              adapter_width: int = 64, shards: int = 1) -> MemoryEstimate:  # fmt: skip
     """Analytic peak memory of a training step with cached latents and embeddings (T5, VAE, CLIP off the GPU).
 
-    A block's live activations in bf16, per token, in units of D: the two normalised inputs (2), q/k/v (3),
-    the normed and rotated q and k, upcast to fp32 for RoPE (4·2), the attention output and its projection
-    (2), the FFN hidden before and after GELU (8), the FFN output (1), and the residual streams (2): ~26·D,
-    plus four adapter bottlenecks (4·r, fp32). Without checkpointing every block keeps all of that.
+    What autograd keeps for one block of the frozen base, per token, in units of D (bf16): the two LayerNorm
+    inputs (2), the q/k/v output the q/k norms read (3), SDPA's rotated q, k and its output (3) and the FFN
+    hidden GELU reads (4): 12·D, as a frozen Linear keeps only its weight. Backward adds that hidden's
+    gradient (4·D). DualReal's adapters keep, in fp32, per sub-layer: h's fp32 copy (both adapters' input)
+    and Δ_mo − Δ_id for ω's gradient (2·D), and each bottleneck's GELU input and output (2·2·r). Both counts
+    are checked with saved-tensor hooks (tests/test_costs.py). Checkpointed, one block at a time holds this.
     `shards` > 1: FSDP2 over that many GPUs, each holding its share of the weights and trainable states
     (plus the one block being gathered, which is not counted).
     """
@@ -106,10 +108,10 @@ def estimate_training_memory(cfg, frames: int, height: int, width: int, trainabl
     s, d = n + text, cfg.inner_dim
     frozen = sum(_param_counts(cfg)) * base_bytes / shards
     trainable = trainable_params * 4 * 4 / shards  # fp32 value, gradient, exp_avg, exp_avg_sq
-    block = batch * s * (26 * d * base_bytes + 4 * adapter_width * 4)
-    saved = batch * s * d * base_bytes * cfg.num_layers
-    if not grad_checkpointing:
-        saved, block = cfg.num_layers * block, 0
+    kept = batch * s * (12 * d * base_bytes + (4 * d + 8 * adapter_width) * 4)  # one block's saved tensors
+    block, saved = kept + batch * s * 4 * d * base_bytes, batch * s * d * base_bytes * cfg.num_layers
+    if not grad_checkpointing:  # every block keeps its saved tensors; no block inputs to recompute from
+        saved, block = cfg.num_layers * kept, block - kept
     workspace = batch * s * (4 * d * base_bytes + cfg.num_attention_heads * 4)
     return MemoryEstimate(frozen, trainable, saved, block, workspace)
 
