@@ -233,10 +233,14 @@ class Decoder(nn.Module):
 def _blend(prev: Tensor, tile: Tensor, extent: int, dim: int) -> None:
     """Cross-fade, in place, the first `extent` rows (dim 3) or columns (dim 4) of tile from prev's last."""
     extent = min(prev.shape[dim], tile.shape[dim], extent)
-    w = (torch.arange(extent, dtype=torch.float64) / extent).to(tile)  # (extent,): the weight of `tile`
-    w = w[:, None] if dim == 3 else w
-    head = tile.narrow(dim, 0, extent)
-    head.copy_(prev.narrow(dim, prev.shape[dim] - extent, extent) * (1 - w) + head * w)
+    # tile's weight y / extent and prev's 1 - y / extent, each computed in float64, then used in fp32 (as
+    # diffusers' Python floats are); the two products round to the tile's dtype before they are summed
+    w = torch.arange(extent, dtype=torch.float64, device=tile.device) / extent  # (extent,)
+    v, w = (1 - w).float(), w.float()
+    if dim == 3:
+        v, w = v[:, None], w[:, None]  # (extent, 1): rows
+    head, tail = tile.narrow(dim, 0, extent), prev.narrow(dim, prev.shape[dim] - extent, extent)
+    head.copy_((tail * v).to(tile.dtype) + (head * w).to(tile.dtype))
 
 
 def _tiled(fn, x: Tensor, tile_in: tuple[int, int], tile_out: tuple[int, int], tiling: Tiling) -> Tensor:

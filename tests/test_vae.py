@@ -183,6 +183,19 @@ def test_tiled_encode_matches_diffusers(ours, ref):
     assert_close(ours.encode_posterior(x)[0], want, "tiled encode mean")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_decode_is_bitwise_with_blends_that_are_not_powers_of_two(ckpt, dtype):
+    """72-px tiles blend over 12 px: weights y/12 are inexact in binary. diffusers multiplies by Python floats
+    (1 - y/12 taken in double, then used in fp32); 1 - w in fp32, or w in bf16, was 2e-7 (fp32) and 0.016
+    (bf16) off."""
+    ref = AutoencoderKLCogVideoX.from_pretrained(ckpt / "vae", torch_dtype=dtype).eval()
+    ours = vae.load_vae(ckpt, dtype)
+    z = latents(3, 12, 12).to(dtype)  # 2x2 tiles of 9 latents, a step of 7
+    ref.enable_tiling(tile_sample_min_height=72, tile_sample_min_width=72)
+    ours.tiling = vae.Tiling(sample_height=72, sample_width=72)
+    assert torch.equal(ours.decode(z), ref_decode(ref, z))
+
+
 def test_tiling_changes_the_numbers(ours):
     z = latents(3, 8, 8)
     untiled = ours.decode(z)
