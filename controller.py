@@ -12,9 +12,11 @@ architecture follows the official code (wenc-k/DualReal, model/dit.py:313-371) l
     ω      = sigmoid(z)                                        eq. (12)  the motion share of each group
 
 The official code has no softmax: each of the n groups gets its own sigmoid (the paper writes a
-softmax, which is ambiguous about its axis; we follow the code). The official code scales ω by its
-0.2 budget here; we return ω ∈ (0, 1) and adapters.py applies the budget s, so that ω reads directly as
-"the fraction of the adapter output that is motion". At initialization ω = 0.5 for every group.
+softmax, which is ambiguous about its axis; we follow the code). The official sigmoid gives the identity
+share, scaled to the 0.2 budget (α = 0.2·sigmoid, motion 0.2 − α); ours gives the motion share ω ∈ (0, 1) and
+adapters.py applies the budget s, so that ω reads directly as "the fraction of the adapter output that is
+motion". With the last layer zero-initialised the two are mirror images (ω = 1 − α/0.2) and train alike.
+At initialization ω = 0.5 for every group.
 The per-step numbering (7)…(12) above is our reading of the order of the paper's controller equations.
 
 Block i of L uses group i·n // L (contiguous groups; for L = 42, n = 7 that is 6 blocks per group, as
