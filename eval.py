@@ -223,9 +223,9 @@ def controller_trace(adapters_file: Path, prompt: str, subject: Path, steps: int
     c, weights, t5 = net.config, [], encoders.load_text_encoder(name, dtype, device)
     text, neg = (t5.encode(p, c.max_text_seq_length) for p in (prompt, ""))
     clip = encoders.load_image_encoder("tiny" if name == "tiny" else encoders.CLIP_ID, dtype, device)
-    e = clip.embed(data.load_images(subject, 8 * c.sample_height, 8 * c.sample_width)[:1].permute(0, 3, 1, 2))
+    e = clip.embed(data.load_images(subject, *c.default_size)[:1].permute(0, 3, 1, 2))  # (1, E)
     schedule = diffusion.load_schedule(checkpoint.find_scheduler(name))  # as sample.py does
-    shape = (1, 13 + -13 % c.patch_t, c.in_channels, c.sample_height, c.sample_width)  # 49 frames; 1.5: 14
+    shape = (1, 13 + -13 % c.patch_t, c.in_channels, *(n // 8 for n in c.default_size))  # 49 frames; 1.5: 14
     record = lambda i, t, x: weights.append(1 - net.ext.last_omega[-1].float().cpu())  # (B', n): [neg; pos]
     kw = dict(generator=torch.Generator().manual_seed(seed), cond=e, callback=record, progress=False)
     diffusion.sample(net, schedule, text, neg, shape, steps, guidance, **kw)

@@ -56,12 +56,15 @@ class TransformerConfig:
     def patch_t(self) -> int:
         return self.patch_size_t or 1
 
+    @property
+    def default_size(self) -> tuple[int, int]:  # (H, W) pixels, 8x the latents; 1.5: its trained size
+        return (768, 1360) if self.patch_size_t else (self.sample_height * 8, self.sample_width * 8)
+
 
 CONFIGS = {
     "cogvideox-2b": TransformerConfig(),
     "cogvideox-5b": TransformerConfig(
-        num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True,
-    ),
+        num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
     "cogvideox1.5-5b": TransformerConfig(
         num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True, patch_size_t=2,
         sample_height=300, sample_width=300),
@@ -107,10 +110,8 @@ def rope_positions(cfg: TransformerConfig, f: int, gh: int, gw: int, device) -> 
     pos = [torch.arange(n, dtype=torch.float32, device=device) for n in (f, gh, gw)]
     if cfg.patch_size_t is None:
         base_h, base_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
-        if gh / gw > base_h / base_w:  # taller than the base grid: fit the height
-            rh, rw = base_h, round(base_h / gh * gw)
-        else:
-            rh, rw = round(base_w / gw * gh), base_w
+        tall = gh / gw > base_h / base_w  # taller than the base grid: fit the height, else the width
+        rh, rw = (base_h, round(base_h / gh * gw)) if tall else (round(base_w / gw * gh), base_w)
         top, left = round((base_h - rh) / 2), round((base_w - rw) / 2)
         pos[1] = torch.linspace(top, (top + rh) * (gh - 1) / gh, gh, device=device)
         pos[2] = torch.linspace(left, (left + rw) * (gw - 1) / gw, gw, device=device)
@@ -123,8 +124,7 @@ def rope_tables(cfg: TransformerConfig, f: int, gh: int, gw: int, n_text: int, d
     head_dim splits [t | h | w] = [hd/4 | 3hd/8 | 3hd/8]; axis frequencies 10000^(-2k/d_axis) each rotate one
     adjacent pair of dims. Text rows are the identity (cos 1, sin 0): one op covers the whole sequence.
     """
-    hd = cfg.attention_head_dim
-    angles = []
+    hd, angles = cfg.attention_head_dim, []
     for pos, d in zip(rope_positions(cfg, f, gh, gw, device), (hd // 4, hd // 8 * 3, hd // 8 * 3)):
         freqs = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
         angles.append(torch.outer(pos, freqs).repeat_interleave(2, dim=-1))  # (n, d): pairs share a frequency

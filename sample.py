@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg-by-index", action="store_true", help="dynamic CFG driven by the step index, not t")
     p.add_argument("--sampler", choices=["dpm", "ddim"], default="dpm")
     p.add_argument("--frames", type=int, default=49, help="4k+1")
-    p.add_argument("--height", type=int, help="default: the model's trained size (480 for CogVideoX)")
-    p.add_argument("--width", type=int, help="default: the model's trained size (720 for CogVideoX)")
+    p.add_argument("--height", type=int, help="default: the model's trained size (480; 1.5: 768)")
+    p.add_argument("--width", type=int, help="default: the model's trained size (720; 1.5: 1360)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="sample.mp4")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> Path:
     # The transformer waits on the CPU (memory-mapped) until the encoders have left the GPU.
     transformer = model.load_transformer(args.model, dtype).eval()
     cfg = transformer.config
-    height, width = args.height or cfg.sample_height * SPATIAL, args.width or cfg.sample_width * SPATIAL
+    height, width = args.height or cfg.default_size[0], args.width or cfg.default_size[1]  # 1.5: 768x1360
     cond = neg_cond = None
     if args.adapters:  # e: the CLIP embedding of the subject image (METHOD.md §6)
         e_dim = adapters.load_adapters(transformer, args.adapters).cfg.cond_dim  # checks the base's size

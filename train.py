@@ -94,12 +94,11 @@ def setup(args, rank: int):
     """Fill the defaults and check everything a user can get wrong, before anything is written."""
     args.clip_model = args.clip_model or ("tiny" if args.model == "tiny" else encoders.CLIP_ID)
     args.val_prompt = args.val_prompt or f"{args.subject_prompt}, {args.motion_prompt}"
-    if args.model == "tiny":
-        cfg = dit.get_config("tiny")
-    else:  # the config alone: sizes and text length are needed before any weights
-        folder = checkpoint.find_component(args.model, "transformer")
-        cfg = dit.config_from_json(checkpoint.read_config(folder), folder)
-    args.height, args.width = args.height or cfg.sample_height * 8, args.width or cfg.sample_width * 8
+    src = None if args.model == "tiny" else checkpoint.find_component(args.model, "transformer")  # no weights
+    cfg = dit.get_config("tiny") if src is None else dit.config_from_json(checkpoint.read_config(src), src)
+    if cfg.patch_size_t:  # 1.5 patchifies time in pairs: an identity step's 1-frame video has 1 latent frame
+        raise ValueError(f"{args.model} is a CogVideoX 1.5 model: training takes CogVideoX 2B or 5B")
+    args.height, args.width = args.height or cfg.default_size[0], args.width or cfg.default_size[1]
     if args.fsdp and ("RANK" not in os.environ or args.l2):  # the L2 term reads weights outside a forward
         raise ValueError("--fsdp shards the model over torchrun's processes: use torchrun, and no --l2")
     if not 0.0 <= args.motion_ratio <= 1.0:

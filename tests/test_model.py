@@ -110,6 +110,14 @@ class ZeroExtension(torch.nn.Module):
         return branch
 
 
+def test_default_size_is_the_trained_resolution():
+    """sample.py, train.py and eval.py default to it. 1.5's config says 300x300 latents, the bound of its RoPE
+    grid: diffusers' pipeline then defaults to 2400x2400 pixels; CogVideoX 1.5 was trained at 768x1360."""
+    sizes = {name: model.get_config(name).default_size for name in ("cogvideox-2b", "cogvideox-5b")}
+    assert sizes == {"cogvideox-2b": (480, 720), "cogvideox-5b": (480, 720)}
+    assert model.get_config("cogvideox1.5-5b").default_size == (768, 1360)
+
+
 def test_extension_point_contract_and_no_op_is_bitwise():
     m = model.load_transformer("tiny")
     x, text, t = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 16, 32), torch.tensor([3, 900])

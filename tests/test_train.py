@@ -411,6 +411,8 @@ def bad_inputs(tmp: Path) -> dict:
     good = write_clip(tmp / "good.mp4", 12)
     (tmp / "cut.mp4").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
     write_clip(tmp / "none.avi", 0, "avi")
+    (tmp / "cog15" / "transformer").mkdir(parents=True)  # a CogVideoX 1.5 config (setup reads no weights)
+    (tmp / "cog15" / "transformer" / "config.json").write_text(json.dumps(dict(patch_size_t=2, num_layers=2)))
     return {
         "missing subject dir": (["--subject", str(tmp / "nowhere")], "subject folder not found"),
         "empty subject dir": (["--subject", str(tmp / "empty")], "no .jpg/.jpeg/.png/.webp images"),
@@ -429,6 +431,7 @@ def bad_inputs(tmp: Path) -> dict:
         "missing clip model": (["--clip-model", str(tmp / "noclip")], "noclip: no such folder"),
         "fsdp without torchrun": (["--fsdp"], "--fsdp shards the model over torchrun's processes"),
         "frames": (["--frames", "10"], "4k\\+1"),
+        "CogVideoX 1.5": (["--model", str(tmp / "cog15")], "is a CogVideoX 1.5 model"),
     }
 
 
