@@ -76,15 +76,24 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def read_image(path: str | Path) -> np.ndarray:
+    """Image file -> uint8 (h, w, 3), upright. Damage raises ValueError (FFmpeg pads a cut JPEG with grey)."""
+    try:
+        with av.open(str(path)) as container:
+            container.streams.video[0].codec_context.options = {"err_detect": "explode"}
+            return display_rgb(next(container.decode(video=0)))
+    except (av.FFmpegError, StopIteration, IndexError) as e:  # IndexError: no video stream at all
+        raise ValueError(f"cannot decode {path} ({type(e).__name__}: {e})") from None
+
+
 def load_images(folder: str | Path, height: int = 480, width: int = 720) -> Tensor:
     """image_files(folder) -> uint8 (N, height, width, 3); undecodable ones are skipped with a warning."""
     files, images = image_files(folder), []
     for path in files:
         try:
-            with av.open(str(path)) as container:
-                images.append(resize_crop(display_rgb(next(container.decode(video=0))), height, width))
-        except (av.FFmpegError, StopIteration, IndexError) as e:  # IndexError: no video stream at all
-            warnings.warn(f"skipping {path}: not a decodable image ({type(e).__name__}: {e})", stacklevel=2)
+            images.append(resize_crop(read_image(path), height, width))
+        except ValueError as e:
+            warnings.warn(f"skipping {path}: not a decodable image ({e})", stacklevel=2)
     if not images:
         raise ValueError(f"no decodable image in {folder}; tried: {', '.join(p.name for p in files)}")
     return torch.stack(images)  # (N, H, W, 3)
@@ -104,21 +113,13 @@ class ClipInfo:
 
     def describe(self) -> str:
         how = f"at {self.fps:g} fps by timestamp" if self.fps else "consecutive native frames"
-        return (
-            f"{self.path} ({self.source_fps or 0:.3g} fps, {self.duration or 0:.2f} s): {len(self.times)} "
-            f"frames {how}, t = {self.times[0]:.3f}..{self.times[-1]:.3f} s, {self.repeated} repeated"
-        )
+        return (f"{self.path} ({self.source_fps or 0:.3g} fps, {self.duration or 0:.2f} s): "
+                f"{len(self.times)} frames {how}, t = {self.times[0]:.3f}..{self.times[-1]:.3f} s, "
+                f"{self.repeated} repeated")  # fmt: skip
 
 
-def load_clip(
-    path: str | Path,
-    num_frames: int = 49,
-    fps: float = 8.0,
-    height: int = 480,
-    width: int = 720,
-    start: float = 0.0,
-    native: bool = False,
-) -> tuple[Tensor, ClipInfo]:
+def load_clip(path: str | Path, num_frames: int = 49, fps: float = 8.0, height: int = 480, width: int = 720,
+              start: float = 0.0, native: bool = False) -> tuple[Tensor, ClipInfo]:  # fmt: skip
     """Video -> (uint8 (num_frames, height, width, 3), ClipInfo). Frame k is the last source frame with time
     <= start + k / fps (times from the first frame); native=True takes consecutive frames from `start`.
     A clip too short repeats its last frame, with a warning."""
@@ -136,8 +137,7 @@ def load_clip(
             raise ValueError(f"{path} has no video stream (is it an audio file?); pass a video clip")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame + slice threads: a large speed-up on long HD clips
-        rate = stream.average_rate or stream.guessed_rate
-        src_fps = float(rate) if rate else None
+        src_fps = float(rate) if (rate := stream.average_rate or stream.guessed_rate) else None
         duration = stream.duration * stream.time_base if stream.duration else (container.duration or 0) / 1e6
         duration = float(duration) or None  # container.duration is in microseconds
         try:

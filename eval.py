@@ -16,7 +16,6 @@ import json
 import sys
 from collections import namedtuple
 from collections.abc import Callable
-from itertools import islice
 from pathlib import Path
 
 import av
@@ -128,17 +127,17 @@ def load_raft(device: str) -> tuple[FlowFn | None, str | None]:
     return flow, None
 
 
-def read_video(path: Path, limit: int | None = None) -> tuple[torch.Tensor, float]:
-    """The first `limit` (default all) frames of a video or image, upright -> (uint8 (T, H, W, 3), fps)."""
+def read_video(path: Path) -> tuple[torch.Tensor, float]:
+    """The frames of a video, upright -> (uint8 (T, H, W, 3), fps)."""
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            frames = [data.display_rgb(f).copy() for f in islice(container.decode(stream), limit)]
+            frames = [data.display_rgb(f).copy() for f in container.decode(stream)]
             fps = float(stream.average_rate or stream.guessed_rate or 8)
     except (av.FFmpegError, IndexError) as e:  # IndexError: no video stream
         raise ValueError(f"cannot decode {path} ({type(e).__name__}: {e})") from None
-    if len(frames) < (limit or 2):
+    if len(frames) < 2:
         raise ValueError(f"{path} has {len(frames)} frame(s); the temporal metrics need at least 2")
     return torch.stack([torch.from_numpy(f) for f in frames]), fps
 
@@ -182,7 +181,8 @@ def evaluate(videos: list[Path], pairs: dict, clip, tokenizer, dino, flow: FlowF
     for path in tqdm(videos, desc="scoring"):
         prompt, subject = pairs[path.name]
         if subject not in refs:
-            images = [read_video(p, limit=1)[0] for p in sorted(filter(is_image, subject.glob("*")))]
+            found = sorted(filter(is_image, subject.glob("*")))
+            images = [torch.from_numpy(data.read_image(p).copy())[None] for p in found]  # (1, h, w, 3) each
             if not images:
                 raise FileNotFoundError(f"no {'/'.join(data.IMAGE_EXTS)} images in subject folder {subject}")
             refs[subject] = {k: torch.cat([embed_frames(*n, im) for im in images]) for k, n in nets.items()}

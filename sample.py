@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
 import torch
 from torch import Tensor
 
@@ -90,12 +89,7 @@ def read_image(path: str, height: int, width: int) -> Tensor:
     for a folder of subject images, so e sees the same crop as in training."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"reference image not found: {path}")
-    try:
-        with av.open(path) as container:
-            rgb = data.display_rgb(next(container.decode(video=0)))
-    except (av.FFmpegError, StopIteration, IndexError) as err:
-        raise ValueError(f"cannot decode {path} ({type(err).__name__}): use a jpg or png image") from None
-    return data.resize_crop(rgb, height, width)[None]  # (1, H, W, 3)
+    return data.resize_crop(data.read_image(path), height, width)[None]  # (1, H, W, 3)
 
 
 def sample_latents(transformer, schedule, text, neg_text, frames, height, width, **kw) -> Tensor:

@@ -210,6 +210,16 @@ def test_corrupt_image_is_skipped_with_a_warning_naming_it(tmp_path):
     assert got.shape[0] == 1, got.shape
 
 
+def test_truncated_jpeg_is_skipped_with_a_warning(tmp_path):
+    """Half a download: FFmpeg decodes it without complaint, the lower half grey, unless errors explode."""
+    whole = (EXAMPLES / "dog6" / "00.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(whole)
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.warns(UserWarning, match="skipping .*cut.jpg"):
+        got = data.load_images(tmp_path, height=32, width=48)
+    assert got.shape[0] == 1, got.shape
+
+
 def test_missing_subject_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="subject folder not found"):
         data.load_images(tmp_path / "nope")
