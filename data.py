@@ -212,10 +212,10 @@ def write_video(path: str | Path, frames: Tensor | np.ndarray, fps: int | Fracti
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
             container.mux(stream.encode())  # flush the frames the encoder still holds
 
-    return _atomic(Path(path), encode)
+    return atomic_write(Path(path), encode)
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """write(tmp) in the same folder, then os.replace: `path` is whole or absent, never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -246,5 +246,5 @@ def load_or_compute(cache_dir: str | Path, key: str, fn: Callable[[], dict]) -> 
         except (SafetensorError, OSError) as e:
             warnings.warn(f"cache file {path} is unreadable ({e}); recomputing it", stacklevel=2)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in fn().items()}  # clone: own storage
-    _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": key}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": key}))
     return tensors

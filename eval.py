@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", help="plot: the prompt to sample")
     p.add_argument("--steps", type=int, default=50, help="plot: denoising steps (CFG 6, seed 42)")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
     if args.plot_controller:
         if not args.prompt or not args.subject:
             raise ValueError("--plot-controller needs --prompt TEXT and --subject DIR (e, as at inference)")
@@ -280,15 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     dino = ViTModel.from_pretrained(args.dino_model, add_pooling_layer=False).eval().to(args.device)
     rows = evaluate(videos, pairs, clip, AutoTokenizer.from_pretrained(args.clip_model), dino, flow)
     values = {k: [float(r[k]) for r in rows.values() if r[k] is not None] for k in COLUMNS}
-    report = {
-        "models": {"clip": args.clip_model, "dino": args.dino_model, "flow": flow and "raft_large C_T_V1"},
-        "notes": NOTES,
-        "unavailable": {"motion_smoothness": SMOOTHNESS} | ({"dynamic_degree": reason} if reason else {}),
-        "videos": rows,
-        "average": {k: sum(v) / len(v) if v else None for k, v in values.items()},  # DD: the dynamic fraction
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    models = {"clip": args.clip_model, "dino": args.dino_model, "flow": flow and "raft_large C_T_V1"}
+    unavailable = {"motion_smoothness": SMOOTHNESS} | ({"dynamic_degree": reason} if reason else {})
+    average = {k: sum(v) / len(v) if v else None for k, v in values.items()}  # DD: the dynamic fraction
+    report = dict(models=models, notes=NOTES, unavailable=unavailable, videos=rows, average=average)
+    data.atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))  # whole or absent
     print(markdown(rows, report["average"]) + f"\nwrote {args.out}")
 
 

@@ -326,6 +326,17 @@ def test_cli_turns_a_user_error_into_one_line_and_exit_code_2(tmp_path, monkeypa
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(tmp_path, monkeypatch, capsys):
+    argv = ["eval.py", "--videos", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--device", "cuda"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(ev.__file__, run_name="__main__")
+    err = capsys.readouterr().err.strip()
+    want = "error: --device cuda: no CUDA GPU is visible here; use --device cpu"
+    assert exit_info.value.code == 2 and err == want, (exit_info.value.code, err)
+
+
 # ----------------------------------------------------------------------------- the controller plot
 def tiny_adapters(path, bias: list[float] | None = None, base: str = "tiny") -> None:
     """adapters.safetensors for the tiny model (or `base`) with 2 controller groups. The controller's last
