@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic CFG (official for 5B)")
     p.add_argument("--cfg-by-index", action="store_true", help="dynamic CFG driven by the step index, not t")
     p.add_argument("--sampler", choices=["dpm", "ddim"], default="dpm")
-    p.add_argument("--frames", type=int, default=49, help="4k+1")
+    p.add_argument("--frames", type=int, default=49, help="8k+1 (an odd latent count F decodes to 4F-3)")
     p.add_argument("--height", type=int, help="default: the model's trained size (480; 1.5: 768)")
     p.add_argument("--width", type=int, help="default: the model's trained size (720; 1.5: 1360)")
     p.add_argument("--seed", type=int, default=42)
@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--device {name}: use cpu, or cuda (cuda:1, ...) where a CUDA GPU is visible")
     device, auto = torch.device(name), torch.bfloat16 if cuda else torch.float32
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, auto)
-    if args.steps < 1 or args.frames < 1 or (args.frames - 1) % TEMPORAL or args.fps < 1:
-        raise ValueError(f"need --steps >= 1, --fps >= 1 and --frames 4k+1 (9, 49, ...); got --steps "
+    if args.steps < 1 or args.frames < 1 or (args.frames - 1) % (2 * TEMPORAL) or args.fps < 1:
+        raise ValueError(f"need --steps >= 1, --fps >= 1 and --frames 8k+1 (9, 17, ..., 49); got --steps "
                          f"{args.steps} --fps {args.fps} --frames {args.frames}")  # fmt: skip
     if any(s is not None and (s <= 0 or s % (2 * SPATIAL)) for s in (args.height, args.width)):
         raise ValueError(f"--height and --width must be multiples of 16, got {args.height} and {args.width}")

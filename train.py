@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--motion-batch", type=int, default=3)
     add("--micro-batch", type=int, default=None, help="accumulate gradients over slices this size")
     add("--seed", type=int, default=42)
-    add("--frames", type=int, default=49, help="clip frames, 4k+1")
+    add("--frames", type=int, default=49, help="clip frames, 8k+1 (an odd number of latent frames)")
     add("--fps", type=float, default=8.0, help="sample the clip by timestamp at this rate")
     add("--native-frames", action="store_true", help="official behaviour: consecutive native-rate frames")
     add("--height", type=int, default=None, help="default: the model's (480; tiny 64)")
@@ -107,8 +107,8 @@ def setup(args, rank: int):
     low |= dict(val_steps=1, log_every=1, save_every=1, val_every=0, warmup=0, lr=0, weight_decay=0, l2=0)
     for flag in [f for f, v in low.items() if getattr(args, f) is not None and getattr(args, f) < v]:
         raise ValueError(f"--{flag.replace('_', '-')} must be >= {low[flag]}, got {getattr(args, flag)}")
-    if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
-        raise ValueError(f"need 4k+1 --frames and --height, --width divisible by 16; got {args.frames} "
+    if (args.frames - 1) % 8 or args.height % 16 or args.width % 16:
+        raise ValueError(f"need 8k+1 --frames and --height, --width divisible by 16; got {args.frames} "
                          f"frames of {args.height}x{args.width}")  # fmt: skip
     if (config := Path(args.output_dir) / "config.json").is_file() and not args.overwrite:
         if not args.resume:

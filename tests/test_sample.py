@@ -159,7 +159,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 BAD = {  # name -> (extra arguments, given the `inputs` paths; a phrase the one-line error must contain)
     "unknown sampler": (lambda p: ["--sampler", "euler"], "invalid choice"),
-    "frames not 4k+1": (lambda p: ["--frames", "10"], "4k+1"),
+    "frames not 8k+1": (lambda p: ["--frames", "10"], "8k+1"),
+    "frames 4k+1 but not 8k+1": (lambda p: ["--frames", "13"], "8k+1"),  # 4 latents decode to 16 frames
     "height not /16": (lambda p: ["--height", "40"], "multiples of 16"),
     "width zero": (lambda p: ["--width", "0"], "multiples of 16"),
     "steps zero": (lambda p: ["--steps", "0"], "--steps >= 1"),
@@ -198,4 +199,4 @@ def test_script_exits_2_with_one_line_and_no_traceback(tmp_path):
     args = [*SMALL, "--frames", "12", "--out", str(tmp_path / "x.mp4")]
     result = subprocess.run([sys.executable, "sample.py", *args], capture_output=True, text=True, cwd=REPO)
     err = result.stderr.strip()
-    assert result.returncode == 2 and len(err.splitlines()) == 1 and "4k+1" in err, (result.returncode, err)
+    assert result.returncode == 2 and len(err.splitlines()) == 1 and "8k+1" in err, (result.returncode, err)

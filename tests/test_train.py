@@ -430,7 +430,7 @@ def bad_inputs(tmp: Path) -> dict:
         "warmup": (["--warmup", "-5"], "--warmup must be >= 0"),
         "missing clip model": (["--clip-model", str(tmp / "noclip")], "noclip: no such folder"),
         "fsdp without torchrun": (["--fsdp"], "--fsdp shards the model over torchrun's processes"),
-        "frames": (["--frames", "10"], "4k\\+1"),
+        "frames": (["--frames", "13"], "8k\\+1"),  # 4 latent frames would decode to 16
         "CogVideoX 1.5": (["--model", str(tmp / "cog15")], "is a CogVideoX 1.5 model"),
     }
 
