@@ -234,8 +234,9 @@ def train(args, cfg, cache, rank, world, device, dtype) -> None:
     out, master = Path(args.output_dir), rank == 0
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        for old in (out / "checkpoints").glob("step_*.pt") if args.overwrite else []:
-            old.unlink()
+        old = [*out.glob("checkpoints/step_*.pt"), *out.glob("samples/*.mp4"), out / "adapters.safetensors"]
+        for path in old if args.overwrite else []:  # --overwrite: nothing of the old run outlives its start
+            path.unlink(missing_ok=True)
         cmd = ["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"]
         git = shutil.which("git") and subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
         versions = dict(torch=torch.__version__, transformers=__import__("transformers").__version__, git=git)

@@ -148,6 +148,23 @@ def test_log_holds_each_step_once_after_resume_and_overwrite(tmp_path, cache_dir
     assert steps() == [1, 2]
 
 
+def test_overwrite_leaves_nothing_of_the_old_run(tmp_path, cache_dir, monkeypatch):
+    """An --overwrite run killed before its first save holds no adapters, checkpoint or video of the old run
+    beside its own config.json."""
+    out = tmp_path / "run"
+    run(out, cache_dir, "--steps", "1", "--val-every", "1", "--val-steps", "1")
+    assert (out / "adapters.safetensors").is_file() and list(out.glob("samples/*.mp4"))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, cache_dir, "--steps", "1", "--overwrite", "--seed", "7")
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["config.json", "log.jsonl"], left
+
+
 def test_validation_video_is_decoded_in_tiles(tmp_path, cache_dir, monkeypatch):
     """Validation writes samples/step_N.mp4, decoding in spatial tiles: a whole 480x720 decode (about 10 GiB
     in bf16, extrapolated) would not fit beside the training state on a 24 GB GPU."""
