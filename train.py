@@ -45,6 +45,7 @@ RESUMABLE = {"steps", "save_every", "val_every", "val_steps", "log_every", "resu
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train DualReal adapters on a frozen CogVideoX (see README).")
+    p.error = lambda message: (print(f"error: {message}", file=sys.stderr), sys.exit(2))  # one line, no usage
     add = p.add_argument
     add("--subject", required=True, help="folder of 3-10 subject photos (.jpg/.png/.webp)")
     add("--motion", required=True, help="the motion clip (.mp4/.mov/...)")
@@ -207,6 +208,7 @@ def validate(step: int, model, vae, cache, schedule, args, latent_shape, device)
                                generator=gen, cond=e, progress=False)  # fmt: skip
     if vae is None:
         return
+    vae.tiling = vae_lib.Tiling()  # 240x360 tiles: a 480x720 decode fits beside the training state on 24 GB
     video = vae.to(device).decode(latents)[0].transpose(0, 1)  # (T, 3, H, W)
     vae.to("cpu")
     data.write_video(Path(args.output_dir) / "samples" / f"step_{step:07d}.mp4", data.to_uint8(video))
@@ -268,8 +270,6 @@ def train(args, cfg, cache, rank, world, device, dtype) -> None:
             print(f"resumed from {ckpts[-1]} at step {start}")
 
     vae = vae_lib.load_vae(args.model, dtype, "cpu") if args.val_every and master else None
-    if vae is not None:  # 240x360 tiles: a 480x720 decode fits beside the training state on a 24 GB GPU
-        vae.tiling = vae_lib.Tiling()
     latent_shape = (cache["clip_mean"].shape[1], cfg.in_channels, args.height // 8, args.width // 8)
     kw = dict(adapter_width=args.adapter_width, grad_checkpointing=args.grad_checkpointing)
     kw["shards"] = world if args.fsdp else 1  # FSDP2: each rank holds 1/world of the weights and states

@@ -168,15 +168,15 @@ def test_overwrite_leaves_nothing_of_the_old_run(tmp_path, cache_dir, monkeypatc
 def test_validation_video_is_decoded_in_tiles(tmp_path, cache_dir, monkeypatch):
     """Validation writes samples/step_N.mp4, decoding in spatial tiles: a whole 480x720 decode (about 10 GiB
     in bf16, extrapolated) would not fit beside the training state on a 24 GB GPU."""
-    seen, validate = [], train.validate
+    seen, decode = [], vae.CogVideoXVAE.decode
 
-    def spy(step, model, autoencoder, *rest):
-        seen.append((step, autoencoder.tiling))
-        validate(step, model, autoencoder, *rest)
+    def spy(self, latents):
+        seen.append(self.tiling)
+        return decode(self, latents)
 
-    monkeypatch.setattr(train, "validate", spy)
+    monkeypatch.setattr(vae.CogVideoXVAE, "decode", spy)
     run(tmp_path, cache_dir, "--steps", "2", "--val-every", "2", "--val-steps", "2")
-    assert [step for step, _ in seen] == [2] and isinstance(seen[0][1], vae.Tiling), seen
+    assert len(seen) == 1 and isinstance(seen[0], vae.Tiling), seen
     with av.open(str(tmp_path / "samples" / "step_0000002.mp4")) as video:
         assert video.streams.video[0].frames == 9
 
@@ -265,13 +265,15 @@ def test_isolated_schedule_trains_identity_then_motion_alone(tmp_path, cache_dir
 
 def test_ddp_two_processes_share_phases_and_weights(tmp_path):
     """torchrun, 2 gloo processes: the same phase sequence and identical adapter weights on both ranks.
-    --micro-batch 1: motion steps run 3 slices, the first two under no_sync(), all-reduced once at the end."""
+    --micro-batch 1: motion steps run 3 slices, the first two under no_sync(), so a motion step all-reduces
+    its gradient buckets as often as a 1-slice identity step does (counted with a DDP communication hook)."""
     probe = tmp_path / "probe.py"
     probe.write_text(f"""
 import hashlib, json, os, sys
 sys.path.insert(0, {str(ROOT)!r})
-import torch, adapters, train
-log, mask, step = [], adapters.mask_gradients, torch.optim.AdamW.step
+import torch, adapters, parallel, train
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+log, reduced, mask, step, wrap = [], [], adapters.mask_gradients, torch.optim.AdamW.step, parallel.wrap
 def spy(ext, phase, enabled=True):
     mask(ext, phase, enabled)
     log.append(phase)
@@ -279,8 +281,16 @@ def stepped(self, *a, **k):
     out = step(self, *a, **k)
     log.append(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for g in self.param_groups
                                        for p in g["params"])).hexdigest())
+    log.append(len(reduced))  # bucket all-reduces so far
     return out
-adapters.mask_gradients, torch.optim.AdamW.step = spy, stepped
+def counting(state, bucket):
+    reduced.append(1)
+    return allreduce_hook(state, bucket)
+def wrapped(model, fsdp):
+    net = wrap(model, fsdp)
+    net.register_comm_hook(None, counting)
+    return net
+adapters.mask_gradients, torch.optim.AdamW.step, parallel.wrap = spy, stepped, wrapped
 train.main(sys.argv[1:])
 json.dump(log, open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".json"), "w"))
 """)
@@ -291,8 +301,10 @@ json.dump(log, open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] 
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert len(rank0) == 12 and rank0 == rank1, "phases or weights differ between ranks"
-    assert len(set(rank0[1::2])) == 6, "the weights must change at every step"
+    assert len(rank0) == 18 and rank0 == rank1, "phases or weights differ between ranks"
+    assert len(set(rank0[1::3])) == 6, "the weights must change at every step"
+    phases, counts = rank0[0::3], [b - a for a, b in zip([0, *rank0[2::3]], rank0[2::3])]
+    assert {"identity", "motion"} <= set(phases) and len(set(counts)) == 1 and counts[0] > 0, (phases, counts)
 
 
 # for probe scripts: a train.phase_at that exits every rank before step $KILL_AT (its checkpoint is on disk)
@@ -440,6 +452,7 @@ def bad_inputs(tmp: Path) -> dict:
         "motion cannot be decoded": (["--motion", str(tmp / "cut.mp4")], "cannot|zero decodable|not a video"),
         "motion ratio": (["--motion-ratio", "1.5"], r"--motion-ratio must be in \[0, 1\]"),
         "steps": (["--steps", "0"], "--steps must be >= 1"),
+        "steps not a number": (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
         "micro batch": (["--micro-batch", "0"], "--micro-batch must be >= 1"),
         "save every": (["--save-every", "0"], "--save-every must be >= 1"),
         "val steps": (["--val-steps", "0"], "--val-steps must be >= 1"),
