@@ -265,7 +265,7 @@ def train(args, cfg, cache, rank, world, device, dtype) -> None:
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
         parallel.load_trainable_state(model, opt, state["adapters"], state["optimizer"])
         rng.setstate(state["phase_rng"])
-        start, ema = state["step"], state["ema"]  # the lr schedule, phases and loss EMAs continue from here
+        start, ema = state["step"], state.get("ema", {})  # lr schedule, phases, loss EMAs go on from here
         if master:
             print(f"resumed from {ckpts[-1]} at step {start}")
 
