@@ -190,8 +190,7 @@ def save_checkpoint(out: Path, step: int, model, opt, rng: random.Random, ema: d
     (folder := out / "checkpoints").mkdir(exist_ok=True)
     path = folder / f"step_{step:07d}.pt"
     state = dict(step=step, adapters=weights, optimizer=optim, phase_rng=rng.getstate(), ema=ema)
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    data.atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in set(folder.glob("step_*.pt")) - {path}:
         old.unlink()
     named = {k.removeprefix("ext."): v for k, v in weights.items()}  # the adapters' own names
@@ -242,8 +241,8 @@ def train(args, cfg, cache, rank, world, device, dtype) -> None:
         cmd = ["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"]
         git = shutil.which("git") and subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
         versions = dict(torch=torch.__version__, transformers=__import__("transformers").__version__, git=git)
-        (out / "config.json.tmp").write_text(json.dumps(dict(args=vars(args), versions=versions), indent=2))
-        os.replace(out / "config.json.tmp", out / "config.json")  # atomic: all arguments and versions
+        config = json.dumps(dict(args=vars(args), versions=versions), indent=2)  # all arguments and versions
+        data.atomic_write(out / "config.json", lambda tmp: tmp.write_text(config))
     schedule = diffusion.load_schedule(checkpoint.find_scheduler(args.model))
 
     on = "cpu" if args.fsdp and world > 1 else device  # FSDP2: fully_shard moves each group to the GPU
