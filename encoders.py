@@ -21,6 +21,7 @@ memory: the same code paths, no file, no download. Shapes: B prompts, L tokens, 
 """
 
 import io
+import warnings
 from pathlib import Path
 
 import sentencepiece as spm
@@ -67,6 +68,10 @@ class Tokenizer:
         """(B, max_length) int64 token ids."""
         ids = torch.full((len(prompts), max_length), self.pad_id, dtype=torch.long)
         for b, pieces in enumerate(self.sp.encode(list(prompts))):
+            if len(pieces) >= max_length:  # say what the model will not see, as diffusers' pipeline does
+                cut = self.sp.decode(pieces[max_length - 1 :])  # stacklevel 4: past encode and its no_grad
+                warnings.warn(f"prompt cut to {max_length - 1} of its {len(pieces)} tokens, dropping {cut!r}",
+                              stacklevel=4)  # fmt: skip
             pieces = pieces[: max_length - 1] + [self.eos_id]  # truncation keeps the closing </s>
             ids[b, : len(pieces)] = torch.tensor(pieces)
         return ids

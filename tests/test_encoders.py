@@ -37,11 +37,13 @@ def test_tokenizer_closes_with_eos_and_pads_to_max_length(text_encoder):
     assert ids[1].tolist() == [1] + [0] * (L - 1), ids[1]  # "" -> </s> then pads
 
 
-def test_tokenizer_truncation_keeps_eos(text_encoder):
-    ids = text_encoder.tokenizer([PROMPTS[-1]], 8)[0]
+def test_tokenizer_truncation_keeps_eos_and_warns(text_encoder):
+    with pytest.warns(UserWarning, match=r"prompt cut to 7 of its \d+ tokens, dropping"):
+        ids = text_encoder.tokenizer([PROMPTS[-1]], 8)[0]
     assert ids.tolist() == text_encoder.tokenizer.sp.encode(PROMPTS[-1])[:7] + [1], ids
 
 
+@pytest.mark.filterwarnings("ignore:prompt cut")  # long prompts on purpose
 def test_tokenizer_matches_transformers_t5_tokenizer(text_encoder):
     ref = transformers_tokenizer(text_encoder.tokenizer)
     want = ref(PROMPTS, padding="max_length", max_length=L, truncation=True, add_special_tokens=True)
@@ -70,6 +72,7 @@ def test_tiny_text_encoder_is_deterministic(text_encoder):
     assert torch.equal(a, b), diff(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:prompt cut")  # long prompts on purpose
 def test_encode_is_t5_called_without_attention_mask(text_encoder):
     ids = text_encoder.tokenizer(PROMPTS, L)
     want = text_encoder.t5(input_ids=ids).last_hidden_state
