@@ -123,8 +123,7 @@ def load_clip(path: str | Path, num_frames: int = 49, fps: float = 8.0, height: 
     """Video -> (uint8 (num_frames, height, width, 3), ClipInfo). Frame k is the last source frame with time
     <= start + k / fps (times from the first frame); native=True takes consecutive frames from `start`.
     A clip too short repeats its last frame, with a warning."""
-    path = Path(path)
-    if not path.is_file():
+    if not (path := Path(path)).is_file():
         raise FileNotFoundError(f"motion clip not found: {path} (pass an existing .mp4/.mov/.avi/.webm file)")
     if num_frames < 1 or fps <= 0 or start < 0:
         raise ValueError(f"need num_frames >= 1, fps > 0, start >= 0; got {num_frames}, {fps}, {start}")
@@ -216,11 +215,13 @@ def write_video(path: str | Path, frames: Tensor | np.ndarray, fps: int | Fracti
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """write(tmp) in the same folder, then os.replace: `path` is whole or absent, never half-written."""
+    """write(tmp) beside `path`, fsync, os.replace: `path` is whole or absent, even after a power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -239,8 +240,7 @@ def cache_key(paths: Iterable[str | Path], model_id: str, extra: str = "") -> st
 
 def load_or_compute(cache_dir: str | Path, key: str, fn: Callable[[], dict]) -> dict[str, Tensor]:
     """CPU tensors cached under `key`; fn() computes them (saved atomically) if absent or unreadable."""
-    path = Path(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
+    if (path := Path(cache_dir) / f"{key}.safetensors").is_file():
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:

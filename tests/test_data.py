@@ -6,6 +6,7 @@ convention), and the examples/ files are checked as shipped.
 """
 
 import hashlib
+import os
 import struct
 import warnings
 from fractions import Fraction
@@ -286,6 +287,16 @@ def test_write_video_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         data.write_video(path, torch.full((3, 16, 16, 3), 255, dtype=torch.uint8))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+
+
+def test_atomic_write_syncs_the_bytes_before_the_rename(tmp_path, monkeypatch):
+    """Checkpoints, videos, the cache and reports go through it: a crash after the rename must not find an
+    empty file where the old one was."""
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), replace(a, b))[1])
+    data.atomic_write(tmp_path / "x.bin", lambda tmp: tmp.write_bytes(b"abc"))
+    assert events == ["fsync", "replace"] and (tmp_path / "x.bin").read_bytes() == b"abc"
 
 
 @pytest.mark.parametrize(
