@@ -118,19 +118,19 @@ def rope_positions(cfg: TransformerConfig, f: int, gh: int, gw: int, device) -> 
     return pos
 
 
-def rope_tables(cfg: TransformerConfig, f: int, gh: int, gw: int, n_text: int, device) -> torch.Tensor:
-    """(2, S, hd) fp32 cos/sin tables for interleaved-pair 3D RoPE over the whole [text; video] sequence.
+def rope_table(cfg: TransformerConfig, f: int, gh: int, gw: int, n_text: int, device) -> torch.Tensor:
+    """(S, hd/2) complex fp32 cos θ + i·sin θ: interleaved-pair 3D RoPE over the whole [text; video] sequence.
 
-    head_dim splits [t | h | w] = [hd/4 | 3hd/8 | 3hd/8]; axis frequencies 10000^(-2k/d_axis) each rotate one
-    adjacent pair of dims. Text rows are the identity (cos 1, sin 0): one op covers the whole sequence.
+    head_dim splits [t | h | w] = [hd/4 | 3hd/8 | 3hd/8]; axis frequencies 10000^(-2k/d_axis) give one angle θ
+    per adjacent pair of dims. Text rows are the identity (θ = 0): one op covers the whole sequence.
     """
     hd, angles = cfg.attention_head_dim, []
     for pos, d in zip(rope_positions(cfg, f, gh, gw, device), (hd // 4, hd // 8 * 3, hd // 8 * 3)):
         freqs = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
-        angles.append(torch.outer(pos, freqs).repeat_interleave(2, dim=-1))  # (n, d): pairs share a frequency
-    grid = on_grid((f, gh, gw), *zip(angles, range(3)))  # (N, hd)
-    text = torch.zeros(n_text, hd, device=device)
-    return torch.stack([torch.cat([text + 1, grid.cos()]), torch.cat([text, grid.sin()])])  # (2, S, hd)
+        angles.append(torch.outer(pos, freqs))  # (n, d/2)
+    grid = on_grid((f, gh, gw), *zip(angles, range(3)))  # (N, hd/2)
+    theta = torch.cat([torch.zeros(n_text, hd // 2, device=device), grid])  # (S, hd/2)
+    return torch.complex(theta.cos(), theta.sin())
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -282,7 +282,7 @@ class CogVideoXTransformer(nn.Module):
         x = self.patch_embed(patches)  # (B, N, D)
         e = self.text_proj(text)  # (B, L, D)
         if cfg.use_rotary_positional_embeddings:  # 5B, 1.5: rotate q, k in every block
-            rope = torch.complex(*rope_tables(cfg, gf, gh, gw, e.shape[1], x.device)[..., ::2])  # (S, hd/2)
+            rope = rope_table(cfg, gf, gh, gw, e.shape[1], x.device)  # (S, hd/2) complex
         else:  # 2B: add absolute positions to the video tokens once
             x, rope = x + sincos_positions(cfg, gf, gh, gw, latents.device).to(x.dtype), None
 

@@ -84,10 +84,10 @@ def test_rope_tables_match_reference_at_480x720():
     cfg = model.get_config("cogvideox-5b")
     ref = SimpleNamespace(config=SimpleNamespace(**asdict(cfg)))
     cos, sin = reference_rope(ref, 13, 60, 90)
-    ours = model.rope_tables(cfg, 13, 30, 45, 226, "cpu")
-    assert torch.equal(ours[0, :226], torch.ones(226, 64)), "text rows must not rotate"
-    assert torch.equal(ours[1, :226], torch.zeros(226, 64)), "text rows must not rotate"
-    diff = max((ours[0, 226:] - cos).abs().max(), (ours[1, 226:] - sin).abs().max())
+    ours = model.rope_table(cfg, 13, 30, 45, 226, "cpu")  # (S, 32) complex: one angle per pair of dims
+    assert torch.equal(ours[:226], torch.ones(226, 32, dtype=torch.complex64)), "text rows must not rotate"
+    assert torch.equal(cos[:, ::2], cos[:, 1::2]) and torch.equal(sin[:, ::2], sin[:, 1::2])  # pairs share θ
+    diff = max((ours[226:].real - cos[:, ::2]).abs().max(), (ours[226:].imag - sin[:, ::2]).abs().max())
     assert diff <= 1e-6, f"max abs diff {diff:.3g}"
 
 
