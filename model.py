@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 import checkpoint
+from onednn import Linear  # nn.Linear, with fp32 CPU matmuls on oneDNN
 
 
 @dataclass
@@ -193,9 +194,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.heads, hd = cfg.num_attention_heads, cfg.attention_head_dim
-        self.qkv = nn.Linear(cfg.inner_dim, 3 * cfg.inner_dim)
+        self.qkv = Linear(cfg.inner_dim, 3 * cfg.inner_dim)
         self.norm_q, self.norm_k = nn.LayerNorm(hd, eps=1e-6), nn.LayerNorm(hd, eps=1e-6)
-        self.proj = nn.Linear(cfg.inner_dim, cfg.inner_dim)
+        self.proj = Linear(cfg.inner_dim, cfg.inner_dim)
 
     def forward(self, h: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(h), "b s (three nh hd) -> three b nh s hd", three=3, nh=self.heads)
@@ -217,8 +218,8 @@ class Block(nn.Module):
         self.norm1 = ExpertAdaLN(cfg)
         self.attn = Attention(cfg)
         self.norm2 = ExpertAdaLN(cfg)
-        self.fc1 = nn.Linear(cfg.inner_dim, 4 * cfg.inner_dim)
-        self.fc2 = nn.Linear(4 * cfg.inner_dim, cfg.inner_dim)
+        self.fc1 = Linear(cfg.inner_dim, 4 * cfg.inner_dim)
+        self.fc2 = Linear(4 * cfg.inner_dim, cfg.inner_dim)
 
     def forward(self, x, e, temb, rope, branch=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, N, D) video, e (B, L, D) text, temb (B, E) -> updated (x, e)."""
@@ -255,15 +256,15 @@ class CogVideoXTransformer(nn.Module):
         super().__init__()
         self.config, self.name = cfg, "random"
         d, patch_dim = cfg.inner_dim, cfg.in_channels * cfg.patch_t * cfg.patch_size**2
-        self.patch_embed = nn.Linear(patch_dim, d)  # a Conv2d(k=p, s=p) written as a Linear on patches
-        self.text_proj = nn.Linear(cfg.text_embed_dim, d)
+        self.patch_embed = Linear(patch_dim, d)  # a Conv2d(k=p, s=p) written as a Linear on patches
+        self.text_proj = Linear(cfg.text_embed_dim, d)
         self.time_fc1 = nn.Linear(d, cfg.time_embed_dim)  # the timestep sinusoid is D wide, not E
         self.time_fc2 = nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm_final = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.norm_out_mod = nn.Linear(cfg.time_embed_dim, 2 * d)  # final AdaLN: (shift, scale), no gate
         self.norm_out = nn.LayerNorm(d, eps=cfg.norm_eps)
-        self.proj_out = nn.Linear(d, cfg.out_channels * cfg.patch_t * cfg.patch_size**2)
+        self.proj_out = Linear(d, cfg.out_channels * cfg.patch_t * cfg.patch_size**2)
         self.ext: nn.Module | None = None
         self.grad_checkpointing = False
 
@@ -324,8 +325,7 @@ KEYS = {
     "time_fc2": "time_embedding.linear_2",
     "blocks.{}.norm1.mod": "transformer_blocks.{}.norm1.linear",
     "blocks.{}.norm1.norm": "transformer_blocks.{}.norm1.norm",
-    "blocks.{}.attn.qkv": ["transformer_blocks.{}.attn1.to_q", "transformer_blocks.{}.attn1.to_k",
-                           "transformer_blocks.{}.attn1.to_v"],
+    "blocks.{}.attn.qkv": ["transformer_blocks.{}.attn1.to_" + c for c in "qkv"],  # to_q, to_k, to_v
     "blocks.{}.attn.norm_q": "transformer_blocks.{}.attn1.norm_q",
     "blocks.{}.attn.norm_k": "transformer_blocks.{}.attn1.norm_k",
     "blocks.{}.attn.proj": "transformer_blocks.{}.attn1.to_out.0",
