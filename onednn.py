@@ -1,8 +1,8 @@
 """Linear layers whose fp32 CPU matmuls run on oneDNN instead of the MKL sgemm behind F.linear.
 
-Why a file for this: on the AMD EPYC (Zen 4) CPU bench.py was measured on, oneDNN's fp32 GEMMs at the
-transformer's shapes run at 200–215 GFLOP/s and MKL's at 160–195, so the same transformer step is 5–9% faster
-(README, Performance). PyTorch already sends fp32 convolutions to oneDNN, but not matmuls.
+Why: on the AMD EPYC (Zen 4) CPU bench.py was measured on, oneDNN's fp32 GEMMs at the transformer's shapes
+run at 200–215 GFLOP/s and MKL's at 155–195, and the same transformer step took 6–11% less time in four
+alternating A/B runs (README, Performance). PyTorch already sends fp32 convolutions to oneDNN, not matmuls.
 
 Only the GEMM library changes: the same function, the same parameters, fp32 throughout. CUDA, bf16 and CPUs
 without oneDNN take F.linear. The matmul is wrapped in a custom op because torch.compile's inductor lowers
@@ -19,7 +19,7 @@ from torch.utils.flop_counter import register_flop_formula
 AVAILABLE = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the call
 
 # Our own op, opaque to torch.compile: registered through torch.library.Library, whose calls cost ~2 µs more
-# than the bare op; torch.library.custom_op costs ~40 µs, 1.5% of bench.py's transformer step.
+# than the bare op; torch.library.custom_op costs ~40 µs, 2% of bench.py's transformer step.
 _lib = torch.library.Library("dualreal", "DEF")
 _lib.define("onednn_linear(Tensor x, Tensor w, Tensor? b) -> Tensor")  # x (..., K), w (N, K) -> (..., N)
 _lib.impl("onednn_linear", lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), "CPU")
@@ -44,6 +44,7 @@ class OneDNNLinearFunction(torch.autograd.Function):
         return onednn_linear(x, w, b)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward is an error, never silently zero
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         dx = onednn_linear(grad, w.t(), None) if ctx.needs_input_grad[0] else None
