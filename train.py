@@ -216,6 +216,7 @@ def validate(step: int, model, vae, cache, schedule, args, latent_shape, device)
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, device = parallel.init()  # under torchrun: a process group (gloo on CPU, nccl on CUDA)
+    args.world_size = world  # in config.json: --resume on another world size would draw other batches
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else torch.float32
     args.compile = cuda if args.compile is None else args.compile

@@ -495,17 +495,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, cache_dir, ca
         assert not out.exists(), f"{name}: wrote into the output dir"
 
 
-def test_output_dir_of_another_run(tmp_path, cache_dir, capsys):
+def test_output_dir_of_another_run(tmp_path, cache_dir, capsys, monkeypatch):
     out = tmp_path / "run"
     run(out, cache_dir, "--steps", "1")
     before = hashlib.sha256((out / "config.json").read_bytes()).hexdigest()
-    for extra, message in [
-        ((), "already holds a run"),
-        (("--resume", "--seed", "7"), "holds a different run"),
+    init = parallel.init
+    for extra, message, world in [
+        ((), "already holds a run", 1),
+        (("--resume", "--seed", "7"), "holds a different run (seed 42 -> 7)", 1),
+        (("--resume",), "holds a different run (world_size 1 -> 2)", 2),  # other ranks, other draws
     ]:
+        monkeypatch.setattr(parallel, "init", lambda w=world: (0, w, init()[2]))
         with pytest.raises(SystemExit) as stop:
             run(out, cache_dir, "--steps", "1", *extra)
         assert stop.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setattr(parallel, "init", init)
     assert hashlib.sha256((out / "config.json").read_bytes()).hexdigest() == before
     run(out, cache_dir, "--steps", "1", "--seed", "7", "--overwrite")  # --overwrite starts over
     assert json.loads((out / "config.json").read_text())["args"]["seed"] == 7
