@@ -4,19 +4,22 @@ Why: on the AMD EPYC (Zen 4) CPU bench.py was measured on, oneDNN's fp32 GEMMs a
 run at 200–215 GFLOP/s and MKL's at 155–195, and the same transformer step took 6–11% less time in four
 alternating A/B runs (README, Performance). PyTorch already sends fp32 convolutions to oneDNN, not matmuls.
 
-Only the GEMM library changes: the same function, the same parameters, fp32 throughout. CUDA, bf16 and CPUs
-without oneDNN take F.linear. The matmul is wrapped in a custom op because torch.compile's inductor lowers
-mkldnn's linear for frozen inference weights only; an opaque op compiles as an external kernel.
+Only the GEMM library changes: the same function, the same parameters, fp32 throughout. CUDA, bf16,
+non-x86 CPUs (unmeasured) and builds without oneDNN take F.linear. The matmul is wrapped in an op of our own
+because torch.compile's inductor lowers mkldnn's linear for frozen inference weights only; an opaque op
+compiles as an external kernel.
 """
 
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-AVAILABLE = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the call
+# Read once: torch.compile cannot trace the call. x86 only: that is where oneDNN was measured faster.
+AVAILABLE = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 # Our own op, opaque to torch.compile: registered through torch.library.Library, whose calls cost ~2 µs more
 # than the bare op; torch.library.custom_op costs ~40 µs, 2% of bench.py's transformer step.
