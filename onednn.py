@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-# Read once: torch.compile cannot trace the call. x86 only: that is where oneDNN was measured faster.
+# Read once: torch.compile cannot trace the call. x86 only: oneDNN was measured faster on AMD Zen 4; Intel
+# is unmeasured, and ARM (also unmeasured) keeps F.linear.
 AVAILABLE = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 # Our own op, opaque to torch.compile: registered through torch.library.Library, whose calls cost ~2 µs more
-# than the bare op; torch.library.custom_op costs ~40 µs, 2% of bench.py's transformer step.
+# than the bare op (torch.library.custom_op with its autograd cost ~150 µs a forward + backward, 2% of
+# bench.py's step). mkldnn's arguments after b: no fused post-op ("none"), no post-op scalars, no algorithm.
 _lib = torch.library.Library("dualreal", "DEF")
 _lib.define("onednn_linear(Tensor x, Tensor w, Tensor? b) -> Tensor")  # x (..., K), w (N, K) -> (..., N)
 _lib.impl("onednn_linear", lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), "CPU")
@@ -50,16 +52,22 @@ class OneDNNLinearFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # a double backward is an error, never silently zero
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])  # (M, N), M = all leading dims (none for a 1-D x)
         dx = onednn_linear(grad, w.t(), None) if ctx.needs_input_grad[0] else None
-        dw = grad.flatten(0, -2).T @ x.flatten(0, -2) if ctx.needs_input_grad[1] else None
-        db = grad.flatten(0, -2).sum(0) if ctx.needs_input_grad[2] else None
+        dw = rows.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        db = rows.sum(0) if ctx.needs_input_grad[2] else None
         return dx, dw, db
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) with oneDNN for fp32 on the CPU."""
+    """nn.Linear (same parameters, same state-dict keys) with oneDNN for big fp32 matmuls on the CPU.
+
+    Below M·K·N = 2^25 oneDNN's fixed cost per call (~13 µs) outweighs its speed. Forward + backward of a
+    frozen layer, against nn.Linear: 2.6× the time at 0.26M, even at 34M, 0.77× at 218M (bench.py's proj).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.dtype == torch.float32 and AVAILABLE:
+        fp32 = x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        if AVAILABLE and x.is_cpu and fp32 and x.numel() * self.out_features >= 2**25:
             return OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

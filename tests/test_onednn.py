@@ -1,17 +1,19 @@
-"""onednn.Linear is nn.Linear: the same outputs and gradients, computed by oneDNN for fp32 on the CPU."""
+"""onednn.Linear is nn.Linear: the same outputs and gradients, from oneDNN for big fp32 matmuls on the CPU."""
 
 import pytest
 import torch
+import torch.utils.flop_counter
 
 import onednn
 
 pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="not x86, or torch without oneDNN")
+K, N = 256, 256  # with 512 rows, M·K·N = 2^25: the smallest matmul Linear sends to oneDNN
 
 
-def pair(train_weight: bool, dtype=torch.float32) -> tuple[torch.nn.Linear, onednn.Linear]:
+def pair(train_weight: bool, dtype=torch.float32, k=K, n=N) -> tuple[torch.nn.Linear, onednn.Linear]:
     torch.manual_seed(0)
-    ref = torch.nn.Linear(48, 80).to(dtype).requires_grad_(train_weight)
-    ours = onednn.Linear(48, 80).to(dtype).requires_grad_(train_weight)
+    ref = torch.nn.Linear(k, n).to(dtype).requires_grad_(train_weight)
+    ours = onednn.Linear(k, n).to(dtype).requires_grad_(train_weight)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
@@ -23,45 +25,73 @@ def run(m: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.
     return y, x.grad
 
 
+def assert_same_grads(ours: torch.nn.Linear, ref: torch.nn.Linear) -> None:
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(ours, name).grad, getattr(ref, name).grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("train_weight", [False, True])
 def test_matches_nn_linear_forward_and_backward(train_weight):
     ref, ours = pair(train_weight)
-    x = torch.randn(2, 7, 96)[..., ::2].transpose(0, 1)  # (7, 2, 48), strided like a view of a bigger tensor
-    grad = torch.randn(7, 2, 80)
+    x = torch.randn(2, 256, 2 * K)[..., ::2].transpose(0, 1)  # (256, 2, K), strided: a view of a bigger one
+    grad = torch.randn(256, 2, N)
     (y_ref, dx_ref), (y, dx) = run(ref, x, grad), run(ours, x, grad)
     assert type(y.grad_fn).__name__ == "OneDNNLinearFunctionBackward"  # the oneDNN path ran
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
     if train_weight:
-        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+        assert_same_grads(ours, ref)
     else:
         assert ours.weight.grad is None and ours.bias.grad is None
+
+
+def test_function_takes_a_1d_input_and_no_bias():
+    torch.manual_seed(0)
+    x, w = torch.randn(7, requires_grad=True), torch.randn(5, 7, requires_grad=True)
+    y = onednn.OneDNNLinearFunction.apply(x, w, None)
+    torch.testing.assert_close(y, w @ x.detach(), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.detach().sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, x.detach().expand(5, 7), rtol=1e-5, atol=1e-5)
 
 
 def test_frozen_weight_saves_no_activation():
     """A frozen base keeps W for dx = dy·W and nothing per token, as autograd's own linear does."""
     _, ours = pair(train_weight=False)
-    x = torch.randn(5, 48, requires_grad=True)
+    x = torch.randn(512, K, requires_grad=True)
     saved = ours(x).grad_fn.saved_tensors
     assert [t for t in saved if t is not None and t.data_ptr() != ours.weight.data_ptr()] == []
 
 
-def test_bf16_and_builds_without_onednn_take_f_linear(monkeypatch):
+def test_small_bf16_autocast_and_builds_without_onednn_take_f_linear(monkeypatch):
+    path = lambda y: type(y.grad_fn).__name__  # noqa: E731
+    _, ours = pair(train_weight=True)
+    assert path(ours(torch.randn(511, K))) == "AddmmBackward0", "below 2^25 the call costs more than it saves"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(torch.randn(512, K)).dtype == torch.bfloat16
     _, ours = pair(train_weight=True, dtype=torch.bfloat16)
-    assert type(ours(torch.randn(3, 48, dtype=torch.bfloat16)).grad_fn).__name__ == "AddmmBackward0"
+    assert path(ours(torch.randn(512, K, dtype=torch.bfloat16))) == "AddmmBackward0"
     _, ours = pair(train_weight=True)
     monkeypatch.setattr(onednn, "AVAILABLE", False)
-    assert type(ours(torch.randn(3, 48)).grad_fn).__name__ == "AddmmBackward0"
+    assert path(ours(torch.randn(512, K))) == "AddmmBackward0"
 
 
-def test_compiles_in_one_graph():
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_compiles_in_one_graph(train_weight):
     """torch.compile keeps the op opaque (inductor lowers mkldnn's linear for frozen inference weights
     only) and traces the layer without a graph break."""
-    ref, ours = pair(train_weight=True)
+    ref, ours = pair(train_weight)
     compiled = torch.compile(ours, fullgraph=True)
-    x, grad = torch.randn(6, 48), torch.randn(6, 80)
+    x, grad = torch.randn(512, K), torch.randn(512, N)
     (y_ref, dx_ref), (y, dx) = run(ref, x, grad), run(compiled, x, grad)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    if train_weight:
+        assert_same_grads(ours, ref)
+
+
+def test_flop_counter_counts_the_op_as_a_matmul():
+    _, ours = pair(train_weight=False)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        ours(torch.randn(512, K))
+    assert counter.get_total_flops() == 2 * 512 * K * N
