@@ -192,19 +192,16 @@ def count_parameters(ext: DualAdapters) -> dict[str, int]:
     return counts
 
 
-def save_adapters(ext: DualAdapters, path: str, state: dict | None = None) -> None:
+def save_adapters(ext: DualAdapters, path: str | os.PathLike, state: dict | None = None) -> None:
     """Write adapters + controller (ext.state_dict(), or `state` gathered from shards) to one .safetensors
-    file, atomically (temp file, fsync, then os.replace: whole or absent, even after a power loss).
+    file (train.py writes it through data.atomic_write: whole or absent, even after a power loss).
 
     The header metadata (string values) holds the format tag, the AdapterConfig and the base model's
     essentials (name, num_layers, inner_dim, time_embed_dim) as JSON, so load_adapters can rebuild and check.
     """
     metadata = dict(format=FILE_FORMAT, adapter_config=json.dumps(asdict(ext.cfg)), base=json.dumps(ext.base))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in (state or ext.state_dict()).items()}
-    save_file(tensors, tmp := f"{path}.tmp", metadata=metadata)
-    with open(tmp, "rb") as f:  # on disk before the rename, as data.atomic_write does
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    save_file(tensors, path, metadata=metadata)
 
 
 def read_metadata(path: str) -> tuple[AdapterConfig, dict]:

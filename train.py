@@ -194,7 +194,7 @@ def save_checkpoint(out: Path, step: int, model, opt, rng: random.Random, ema: d
     for old in set(folder.glob("step_*.pt")) - {path}:
         old.unlink()
     named = {k.removeprefix("ext."): v for k, v in weights.items()}  # the adapters' own names
-    adapters.save_adapters(model.ext, str(out / "adapters.safetensors"), named)
+    data.atomic_write(out / "adapters.safetensors", lambda tmp: adapters.save_adapters(model.ext, tmp, named))
 
 
 def validate(step: int, model, vae, cache, schedule, args, latent_shape, device) -> None:

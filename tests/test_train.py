@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapters
+import data
 import diffusion
 import model as dit
 import parallel
@@ -513,6 +514,18 @@ def test_output_dir_of_another_run(tmp_path, cache_dir, capsys, monkeypatch):
     assert hashlib.sha256((out / "config.json").read_bytes()).hexdigest() == before
     run(out, cache_dir, "--steps", "1", "--seed", "7", "--overwrite")  # --overwrite starts over
     assert json.loads((out / "config.json").read_text())["args"]["seed"] == 7
+
+
+def test_every_file_of_a_run_but_the_log_is_written_atomically(tmp_path, cache_dir, monkeypatch):
+    """config.json, the checkpoint, adapters.safetensors and the validation video go through data.atomic_write
+    (temp file, fsync, rename), so a crash leaves each whole or absent; log.jsonl is appended line by line."""
+    written, real = set(), data.atomic_write
+    monkeypatch.setattr(data, "atomic_write", lambda path, write: written.add(path) or real(path, write))
+    out = tmp_path / "run"
+    run(out, cache_dir, "--steps", "1", "--val-every", "1", "--val-steps", "1")
+    files = {p for p in out.rglob("*") if p.is_file()} - {out / "log.jsonl"}
+    names = {"config.json", "adapters.safetensors", "step_0000001.pt", "step_0000001.mp4"}
+    assert {p.name for p in files} == names and files <= written, (files, written)
 
 
 def test_subject_folder_may_hold_a_folder_named_like_an_image(tmp_path, cache_dir):
