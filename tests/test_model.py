@@ -80,7 +80,7 @@ def test_positions_at_480x720_are_integers():
     assert torch.equal(t, torch.arange(13.0))
 
 
-def test_rope_tables_match_reference_at_480x720():
+def test_rope_table_matches_reference_at_480x720():
     cfg = model.get_config("cogvideox-5b")
     ref = SimpleNamespace(config=SimpleNamespace(**asdict(cfg)))
     cos, sin = reference_rope(ref, 13, 60, 90)
