@@ -35,7 +35,7 @@ SPATIAL, TEMPORAL = 8, 4  # every CogVideoX VAE: 8x in space, 4x in time (after 
 
 def fail(message: str):
     """A user's mistake: one line on stderr and exit code 2, no traceback."""
-    print(f"sample.py: error: {message}", file=sys.stderr)
+    print(f"sample.py: error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message
     sys.exit(2)
 
 
@@ -175,11 +175,12 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """The CLI. A user's mistake (a ValueError or FileNotFoundError) is one line on stderr and exit code 2."""
+    """The CLI. A user's mistake (ValueError; OSError: a missing file or encoder weights, no hub) is one line
+    on stderr and exit code 2."""
     args = parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         fail(str(err))
 
 

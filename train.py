@@ -104,12 +104,12 @@ def setup(args, rank: int):
         raise ValueError("--fsdp shards the model over torchrun's processes: use torchrun, and no --l2")
     if not 0.0 <= args.motion_ratio <= 1.0:
         raise ValueError(f"--motion-ratio must be in [0, 1], got {args.motion_ratio}")
-    low = dict(steps=1, subject_batch=1, motion_batch=1, micro_batch=1, groups=1, adapter_width=1)
+    low = dict(steps=1, subject_batch=1, motion_batch=1, micro_batch=1, groups=1, adapter_width=1, frames=1)
     low |= dict(val_steps=1, log_every=1, save_every=1, val_every=0, warmup=0, lr=0, weight_decay=0, l2=0)
     for flag in [f for f, v in low.items() if getattr(args, f) is not None and getattr(args, f) < v]:
         raise ValueError(f"--{flag.replace('_', '-')} must be >= {low[flag]}, got {getattr(args, flag)}")
-    if (args.frames - 1) % 8 or args.height % 16 or args.width % 16:
-        raise ValueError(f"need 8k+1 --frames and --height, --width divisible by 16; got {args.frames} "
+    if (args.frames - 1) % 8 or args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
+        raise ValueError(f"need 8k+1 --frames and --height, --width in 16, 32, ...; got {args.frames} "
                          f"frames of {args.height}x{args.width}")  # fmt: skip
     if (config := Path(args.output_dir) / "config.json").is_file() and not args.overwrite:
         if not args.resume:
@@ -225,8 +225,8 @@ def main(argv=None) -> None:
         cache = precompute(args, cfg, images, clip, device, dtype) if rank == 0 else None
         parallel.barrier()  # rank 0 has filled the cache, and every rank has checked --output-dir
         cache = cache or precompute(args, cfg, images, clip, device, dtype)  # the others read it
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # OSError: also transformers' missing weights, an unreachable hub
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     train(args, cfg, cache, rank, world, device, dtype)
     parallel.finish()

@@ -155,8 +155,20 @@ def test_motion_clip_not_a_video_is_a_clear_error(tmp_path):
 
 def test_motion_clip_with_zero_frames_is_a_clear_error(tmp_path):
     path = encode(tmp_path / "empty.avi", gray_frames(0), container_format="avi")  # video stream, no frames
-    with pytest.raises(ValueError, match="zero decodable frames"):
+    with pytest.raises(ValueError, match="0 distinct frames"):
         data.load_clip(path)
+
+
+def test_a_still_image_is_not_a_motion_clip(tmp_path):
+    """FFmpeg opens a JPEG as a 1-frame video: as a clip it would be one picture repeated, with no motion."""
+    with pytest.raises(ValueError, match="1 distinct frames decoded; a motion clip"):
+        data.load_clip(EXAMPLES / "dog6" / "00.jpg", num_frames=9)
+    one = encode(tmp_path / "one.mp4", gray_frames(1))
+    assert data.load_clip(one, num_frames=1)[0].shape[0] == 1  # one frame asked for: one is enough
+    with pytest.raises(ValueError, match="1 distinct frames"):
+        data.load_clip(one, num_frames=9)
+    with pytest.warns(UserWarning, match="too short"):  # two pictures: motion, however short
+        assert len(data.load_clip(encode(tmp_path / "two.mp4", gray_frames(2)), num_frames=9)[0]) == 9
 
 
 def test_reference_frames_are_evenly_spaced():

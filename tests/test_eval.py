@@ -313,9 +313,9 @@ def test_prompt_file_accepts_both_line_formats(inputs, tmp_path):
 
 
 def test_cli_turns_a_user_error_into_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "an\nempty").mkdir()  # a newline in a path (a shell paste) still gives one line
     (tmp_path / "p.txt").write_text("a.mp4|||a dog\n")
-    argv = ["eval.py", "--videos", str(tmp_path / "empty"), "--prompts", str(tmp_path / "p.txt")]
+    argv = ["eval.py", "--videos", str(tmp_path / "an\nempty"), "--prompts", str(tmp_path / "p.txt")]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(ev.__file__, run_name="__main__")

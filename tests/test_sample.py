@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import adapters
+import encoders
 import model
 import sample
 
@@ -153,6 +154,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (folder / "file").write_text("a file where a folder should be")
     (folder / "notes.jpg").write_text("not an image")
     (folder / "taken.mp4").write_text("a video the user keeps")
+    encoders.CLIPVisionConfig(**encoders.TINY_CLIP).save_pretrained(folder / "clip-config-only")  # no weights
     good, dim16, deep = adapters_file(folder), adapters_file(folder, 16), adapters_file(folder, num_layers=3)
     return dict(dir=folder, good=good, dim16=dim16, deep=deep)
 
@@ -169,6 +171,10 @@ BAD = {  # name -> (extra arguments, given the `inputs` paths; a phrase the one-
     "out exists": (lambda p: ["--out", str(p["dir"] / "taken.mp4")], "exists: pass --overwrite"),
     "unknown device": (lambda p: ["--device", "tpu"], "--device tpu"),
     "no checkpoint": (lambda p: ["--model", str(p["dir"] / "missing")], "no folder"),
+    "a newline in a path": (lambda p: ["--model", str(p["dir"] / "two\nlines")], "no folder"),
+    "clip model without weights": (lambda p: ["--adapters", str(p["good"]), "--reference", str(IMAGE),
+                                              "--clip-model", str(p["dir"] / "clip-config-only")],
+                                   "no file named"),
     "reference alone": (lambda p: ["--reference", str(IMAGE)], "--adapters and --reference"),
     "adapters alone": (lambda p: ["--adapters", str(p["good"])], "--adapters and --reference"),
     "adapters missing": (lambda p: ["--adapters", str(p["dir"] / "no.safetensors"), "--reference",

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import adapters
 import data
 import diffusion
+import encoders
 import model as dit
 import parallel
 import train
@@ -456,6 +457,7 @@ def bad_inputs(tmp: Path) -> dict:
     (tmp / "cut.mp4").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
     write_clip(tmp / "none.avi", 0, "avi")
     (tmp / "cog15" / "transformer").mkdir(parents=True)  # a CogVideoX 1.5 config (setup reads no weights)
+    encoders.CLIPVisionConfig(**encoders.TINY_CLIP).save_pretrained(tmp / "clip-config-only")  # no weights
     (tmp / "cog15" / "transformer" / "config.json").write_text(json.dumps(dict(patch_size_t=2, num_layers=2)))
     return {
         "missing subject dir": (["--subject", str(tmp / "nowhere")], "subject folder not found"),
@@ -463,8 +465,9 @@ def bad_inputs(tmp: Path) -> dict:
         "no decodable image": (["--subject", str(tmp / "broken")], "no decodable image .*tried: a.jpg"),
         "missing motion": (["--motion", str(tmp / "nowhere.mp4")], "motion clip not found"),
         "motion not a video": (["--motion", str(tmp / "text.mp4")], "not a video"),
-        "motion with zero frames": (["--motion", str(tmp / "none.avi")], "zero decodable frames"),
-        "motion cannot be decoded": (["--motion", str(tmp / "cut.mp4")], "cannot|zero decodable|not a video"),
+        "motion with zero frames": (["--motion", str(tmp / "none.avi")], "0 distinct frames"),
+        "motion a still image": (["--motion", str(SUBJECT / "00.jpg")], "1 distinct frames decoded"),
+        "motion cannot be decoded": (["--motion", str(tmp / "cut.mp4")], "cannot|0 distinct|not a video"),
         "motion ratio": (["--motion-ratio", "1.5"], r"--motion-ratio must be in \[0, 1\]"),
         "steps": (["--steps", "0"], "--steps must be >= 1"),
         "steps not a number": (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
@@ -474,6 +477,11 @@ def bad_inputs(tmp: Path) -> dict:
         "learning rate": (["--lr", "-1"], "--lr must be >= 0"),
         "warmup": (["--warmup", "-5"], "--warmup must be >= 0"),
         "missing clip model": (["--clip-model", str(tmp / "noclip")], "noclip: no such folder"),
+        "clip model without weights": (["--clip-model", str(tmp / "clip-config-only")], "no file named"),
+        "a newline in a path": (["--subject", str(tmp / "two\nlines")], "not found: .*two lines"),
+        "negative height": (["--height", "-16"], "--width in 16, 32"),
+        "negative width": (["--width", "-32"], "--width in 16, 32"),
+        "negative frames": (["--frames", "-7"], "--frames must be >= 1"),
         "fsdp without torchrun": (["--fsdp"], "--fsdp shards the model over torchrun's processes"),
         "frames": (["--frames", "13"], "8k\\+1"),  # 4 latent frames would decode to 16
         "CogVideoX 1.5": (["--model", str(tmp / "cog15")], "is a CogVideoX 1.5 model"),
