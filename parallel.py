@@ -19,7 +19,6 @@ import os
 from datetime import timedelta
 
 import torch
-import torch._dynamo
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -59,10 +58,6 @@ def wrap(model: nn.Module, fsdp: bool) -> nn.Module:
         # (the adapters themselves: a group is freed after its last module's forward, and a module that never
         # runs forward, such as their ModuleDicts, would keep it gathered until the model's forward ends)
         fully_shard([block, *model.ext.identity[i].values(), *model.ext.motion[i].values()])
-    # Compiled blocks break at each adapter call (dynamo does not trace FSDP2's hooks). The adapters' frames,
-    # shared by every block, then take ~10 variants (adapter family, first block, phase shapes, grad mode):
-    # past dynamo's default limit of 8 the rest would run eager. The count does not grow with depth.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     return fully_shard(model)  # the root group: embeddings, output head, controller
 
 

@@ -255,6 +255,7 @@ def train(args, cfg, cache, rank, world, device, dtype) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # the same adapter init on every rank and in every run
         ext = adapters.attach(model, acfg)
+    torch._dynamo.config.recompile_limit = 32  # blocks share graphs, one per shape and mode: 6-10 (README)
     for block in model.blocks if args.compile else []:
         block.compile()  # in place, per block: saved keys carry no _orig_mod. prefix
     net = parallel.wrap(model, args.fsdp)  # DDP, FSDP2 (sharded in place) or the model itself
@@ -299,8 +300,7 @@ def train(args, cfg, cache, rank, world, device, dtype) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         z, text, e = batch_for(phase, cache, args, gen)
-        t = torch.randint(0, 1000, (len(z),), generator=gen)
-        noise = torch.randn(z.shape, generator=gen)
+        t, noise = torch.randint(0, 1000, (len(z),), generator=gen), torch.randn(z.shape, generator=gen)
         n, micro, value = len(z), args.micro_batch or len(z), 0.0
         for i in range(0, n, micro):  # slices of the batch; each backward adds its share of the gradient
             zi, ni, ti, ci = (x[i : i + micro].to(device) for x in (z, noise, t, text))

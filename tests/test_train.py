@@ -405,7 +405,7 @@ torch.save(dict(grads=grads, sharded=sharded), out)
 def test_fsdp_with_compile_stays_compiled(tmp_path):
     """torchrun, 2 gloo processes, --fsdp --compile, 3 steps and a validation video: FSDP2's hooks split each
     compiled block at its adapter calls, and the adapters' shared frames need ~10 variants; past dynamo's
-    default limit of 8 they ran eager, with a warning (parallel.wrap raises the limit)."""
+    default limit of 8 they ran eager, with a warning (train.py raises the limit)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*torchrun, "train.py", *SMALL, "--subject", str(SUBJECT), "--motion", str(MOTION), "--output-dir",
            str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "3", "--micro-batch",
@@ -414,6 +414,25 @@ def test_fsdp_with_compile_stays_compiled(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "recompile_limit" not in done.stderr, done.stderr[-3000:]
     assert (tmp_path / "run" / "samples" / "step_0000003.mp4").is_file()
+
+
+def test_compiled_blocks_stay_compiled_in_one_process(tmp_path, cache_dir, monkeypatch):
+    """All blocks share their compiled graphs: one per first block or not, phase shape, micro-batch slice size
+    and grad mode (validation). With 3 + 3 clips in slices of 2 and a validation video that is 10, past
+    dynamo's default limit of 8, after which the rest ran eager (a GPU-only default, so CI forces --compile;
+    dynamo's eager backend: the graphs are the same, Inductor's code generation is not needed)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default; restored afterwards
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    batches = ["--subject-batch", "3", "--motion-batch", "3", "--micro-batch", "2", "--val-every", "3"]
+    run(tmp_path / "run", cache_dir, "--steps", "6", "--compile", *batches, "--val-steps", "2")
+    frames = dict(counters["frames"])
+    assert frames["total"] == frames["ok"] >= 9, frames  # every variant compiled, none left to run eager
+    torch._dynamo.reset()
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch):
