@@ -178,7 +178,7 @@ def batch_for(phase: str, cache: dict, args, gen: torch.Generator):
         text = cache["text"][1]  # the motion prompt
         e = cache["e_clip"][torch.randint(len(cache["e_clip"]), (n,), generator=gen)]  # a frame per sample
     z = vae_lib.sample_posterior(mean, logvar.expand_as(mean), gen) * cache["scale"]  # fresh posterior draw
-    return z, text.expand(len(z), -1, -1), e
+    return z.float(), text.expand(len(z), -1, -1), e  # fp32: a bf16 z would round sqrt(1 - a_t) to 0 at t < 2
 
 
 def save_checkpoint(out: Path, step: int, model, opt, rng: random.Random, ema: dict) -> None:

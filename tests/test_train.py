@@ -112,6 +112,21 @@ def test_resume_is_bitwise(tmp_path, cache_dir, monkeypatch, schedule):
     assert last[0]["ema"] == last[1]["ema"], "the logged loss averages restarted on resume"
 
 
+def test_latents_from_a_bf16_cache_are_noised_in_fp32():
+    """On CUDA the VAE runs in bf16, so the cached posteriors are bf16. In bf16 the schedule's sqrt(1 - a_t)
+    rounds to 0 at t = 0 and 1 (it is 0.029 and 0.042), so x_t would hold no noise and the velocity target
+    (then the noise itself) could not be learned; batch_for's latents are fp32, so add_noise works in fp32."""
+    gen, schedule = torch.Generator().manual_seed(0), diffusion.load_schedule(None)
+    shape = (2, 1, 4, 4, 6)  # two subject images' posteriors (N, F, C, h, w), as precompute caches them
+    mean, logvar = torch.randn(shape).bfloat16(), torch.full(shape, -4.0).bfloat16()  # scale 1: any works
+    cache = dict(subject_mean=mean, subject_logvar=logvar, text=torch.randn(4, 8, 16), scale=torch.ones(()))
+    z, _, _ = train.batch_for("identity", cache, __import__("argparse").Namespace(subject_batch=2), gen)
+    noise, t = torch.randn(z.shape, generator=gen), torch.tensor([0, 1])
+    noisy, clean = schedule.add_noise(z, noise, t), schedule.add_noise(z, torch.zeros_like(noise), t)
+    assert (noisy.bfloat16().float() - clean.bfloat16().float()).abs().mean() > 0.02  # the model sees noise
+    assert z.dtype == torch.float32, z.dtype
+
+
 def test_checkpoint_state_round_trips_and_refuses_a_misfit():
     """parallel.trainable_state -> load_trainable_state restores the weights and AdamW state exactly, leaves a
     parameter without state when the checkpoint has none for it, and refuses weights that do not fit."""
