@@ -11,7 +11,7 @@ statistics are per chunk, so chunking changes the numbers: by default we chunk l
 `vae.tiling = Tiling()` runs overlapping spatial tiles and cross-fades them (diffusers' `enable_tiling`).
 
 Reference: diffusers `AutoencoderKLCogVideoX` (0.42.1); tests/test_vae.py gives both the same random weights
-and compares posterior, samples, decode and tiled decode / encode (fp32, max abs diff <= 1e-4).
+and compares posterior, samples, decode and tiled decode / encode (fp32, bitwise equal).
 
 Shape legend: B batch, C channels, T video frames, F latent frames, H W height and width (h w = H/8 W/8).
 Inside the networks tensors are (B, C, T, H, W); latents in and out are (B, F, C, h, w), as in model.py.

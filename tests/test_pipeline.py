@@ -72,6 +72,9 @@ def build(transformer_config: dict, root):
         norm_num_groups=TINY_VAE.norm_num_groups,
         scaling_factor=0.7,
     ).eval()
+    with torch.no_grad():  # the VAE's norms init to weight 1, bias 0: perturb them (and the biases)
+        for p in [p for p in autoencoder.parameters() if p.ndim == 1]:
+            p.add_(torch.randn_like(p) * 0.1)
     transformer.save_pretrained(root / "transformer")
     autoencoder.save_pretrained(root / "vae")
     CogVideoXDDIMScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
