@@ -55,14 +55,19 @@ def pair(request, tmp_path_factory):
     return ref, model.load_transformer(str(folder)).eval(), folder
 
 
-@pytest.mark.parametrize("frames", [1, 4])
-def test_matches_diffusers(pair, frames):
+@pytest.mark.parametrize("frames, n_text", [(1, 16), (4, 16), (4, 7)])
+def test_matches_diffusers(pair, frames, n_text):
+    """Also with text shorter than max_text_seq_length (16): RoPE skips the text rows actually given. 2B's
+    sin-cos table holds max_text_seq_length text rows, and diffusers then misplaces the video positions; its
+    pipeline always pads to the max, so 2B is compared at full length only."""
     ref, ours, _ = pair
     if ref.config.patch_size_t and frames % 2:
         frames += 1
+    if not ref.config.use_rotary_positional_embeddings:
+        n_text = ref.config.max_text_seq_length
     latent_h, latent_w = 8, 12  # non-square grid: fractional RoPE positions for 1.0
     x = torch.randn(2, frames, 4, latent_h, latent_w)
-    text = torch.randn(2, 16, 32)
+    text = torch.randn(2, n_text, 32)
     t = torch.tensor([999, 17])
     with torch.no_grad():
         rope = reference_rope(ref, frames, latent_h, latent_w)
@@ -71,6 +76,15 @@ def test_matches_diffusers(pair, frames):
     diff = (got - want).abs()
     assert got.shape == want.shape == x.shape
     assert diff.max() <= 1e-5, f"max abs diff {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+def test_norms_match_diffusers(pair):
+    """Every LayerNorm's size, eps and affine flag, as a multiset. An eps off by 10x (1e-5 for the q/k norms'
+    1e-6) moves the output by ~4e-6, inside the parity tolerance, so the norms are compared directly."""
+    ref, ours, _ = pair
+    norms = [[n for n in m.modules() if isinstance(n, torch.nn.LayerNorm)] for m in (ours, ref)]
+    ours, ref = [sorted((tuple(n.normalized_shape), n.eps, n.elementwise_affine) for n in ns) for ns in norms]
+    assert len(ours) == 10 and ours == ref, (ours, ref)  # 2 blocks x 4 (AdaLN x 2, q, k), final, output
 
 
 def test_positions_at_480x720_are_integers():
