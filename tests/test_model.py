@@ -144,6 +144,34 @@ def test_extension_point_contract_and_no_op_is_bitwise():
     assert m.ext.calls[1:] == [(i, k, (2, s, 32), "ctx") for i in range(2) for k in ("attn", "ff")]
 
 
+def test_branch_reads_the_sub_layer_input_and_is_gated():
+    """The extension point's placement (adapters.py: the official code's): a branch reads the normalised,
+    AdaLN-modulated h its sub-layer reads, and its delta joins the sub-layer output before the AdaLN gate."""
+    m = model.load_transformer("tiny")
+    x, text, t = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 16, 32), torch.tensor([3, 900])
+    inputs, given = {}, {}
+    for i, block in enumerate(m.blocks):  # what each sub-layer reads: attention and the first FFN matmul
+        block.attn.register_forward_pre_hook(lambda mod, args, i=i: inputs.update({(i, "attn"): args[0]}))
+        block.fc1.register_forward_pre_hook(lambda mod, args, i=i: inputs.update({(i, "ff"): args[0]}))
+
+    class Ones(ZeroExtension):
+        def hook(self, i, ctx):
+            return lambda kind, h: (given.update({(i, kind): h}), torch.ones_like(h))[1]
+
+    base = m(x, text, t)
+    m.ext = Ones()
+    assert not torch.equal(m(x, text, t), base), "a non-zero branch must change the output"
+    assert given.keys() == inputs.keys() and all(torch.equal(given[k], inputs[k]) for k in inputs)
+    with torch.no_grad():  # every gate (chunks 2 and 5 of each AdaLN's 6: video, text) to 0
+        for norm in [b.norm1 for b in m.blocks] + [b.norm2 for b in m.blocks]:
+            d = m.config.inner_dim
+            for rows in (slice(2 * d, 3 * d), slice(5 * d, 6 * d)):
+                norm.mod.weight[rows], norm.mod.bias[rows] = 0.0, 0.0
+    gated = m(x, text, t)
+    m.ext = None
+    assert torch.equal(gated, m(x, text, t)), "a gate of 0 must silence the sub-layer and its branch alike"
+
+
 def test_gradient_checkpointing_gives_same_output_and_grads(monkeypatch):
     m = model.load_transformer("tiny")
     x, text, t = torch.randn(1, 2, 4, 8, 8), torch.randn(1, 16, 32), torch.tensor([500])
