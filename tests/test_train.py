@@ -112,6 +112,25 @@ def test_resume_is_bitwise(tmp_path, cache_dir, monkeypatch, schedule):
     assert last[0]["ema"] == last[1]["ema"], "the logged loss averages restarted on resume"
 
 
+def test_each_phase_gets_its_own_data_prompt_and_e():
+    """batch_for: identity steps take subject images with the subject prompt and no e; motion steps take the
+    clip with the motion prompt and an e of its frames; latents are posterior draws times the VAE's scale."""
+    gen, (n, c, h, w) = torch.Generator().manual_seed(0), (3, 4, 2, 3)
+    subjects, clip = torch.randn(n, 1, c, h, w), torch.randn(1, 5, c, h, w)  # (N, F, C, h, w) posterior means
+    text = torch.arange(4.0)[:, None, None].expand(4, 8, 16)  # row k: prompt k (subject, motion, val, "")
+    # logvar -30: std 3e-7, so a posterior draw equals its mean
+    low = dict(subject_logvar=torch.full_like(subjects, -30.0), clip_logvar=torch.full_like(clip, -30.0))
+    cache = dict(subject_mean=subjects, clip_mean=clip, **low, text=text, e_clip=torch.arange(8.0).view(4, 2),
+                 scale=torch.tensor(0.7))  # fmt: skip
+    args = __import__("argparse").Namespace(subject_batch=2, motion_batch=3)
+    z, txt, e = train.batch_for("identity", cache, args, gen)
+    assert z.shape == (2, 1, c, h, w) and e is None and bool((txt == 0).all())
+    assert all(any(torch.allclose(zi, s * 0.7, atol=1e-5) for s in subjects) for zi in z)
+    z, txt, e = train.batch_for("motion", cache, args, gen)
+    assert z.shape == (3, 5, c, h, w) and bool((txt == 1).all()) and torch.allclose(z, clip * 0.7, atol=1e-5)
+    assert e.shape == (3, 2) and all(any(torch.equal(ei, row) for row in cache["e_clip"]) for ei in e)
+
+
 def test_latents_from_a_bf16_cache_are_noised_in_fp32():
     """On CUDA the VAE runs in bf16, so the cached posteriors are bf16. In bf16 the schedule's sqrt(1 - a_t)
     rounds to 0 at t = 0 and 1 (it is 0.029 and 0.042), so x_t would hold no noise and the velocity target
