@@ -235,6 +235,28 @@ def test_masking_in_the_real_loop(tmp_path, cache_dir, monkeypatch):
         assert not all(torch.equal(a, b) for a, b in zip(before[phase], after[phase])), f"{phase} stuck"
 
 
+def test_ablation_flags_reach_the_loop(tmp_path, cache_dir, monkeypatch):
+    """The paper's ablations as train.py flags (test_adapters tests the adapters library on its own)."""
+    moved, mask = [], adapters.mask_gradients
+
+    def spy(ext, phase, enabled=True):  # --no-grad-mask: an identity step moves the motion family too
+        mask(ext, phase, enabled)
+        moved.append(any(p.grad is not None for p in ext.family_params("motion")))
+
+    monkeypatch.setattr(adapters, "mask_gradients", spy)
+    run(tmp_path / "leak", cache_dir, "--steps", "2", "--motion-ratio", "0", "--no-grad-mask")
+    assert moved == [True, True], moved
+    runs = dict(base=[], fixed=["--no-controller"], two=["--groups", "2"], l2=["--l2", "10"])
+    for name, flags in runs.items():
+        run(tmp_path / name, cache_dir, "--steps", "1", "--log-every", "1", *flags)
+    log = {name: json.loads((tmp_path / name / "log.jsonl").read_text()) for name in runs}  # one record each
+    keys = {name: load_file(tmp_path / name / "adapters.safetensors").keys() for name in runs}
+    assert any(k.startswith("controller.") for k in keys["base"])
+    assert not any(k.startswith("controller.") for k in keys["fixed"]), "--no-controller: no StageBlender"
+    assert len(log["two"]["omega"]) == 2 and len(log["base"]["omega"]) == 7  # n weight groups
+    assert log["l2"]["loss"] > log["base"]["loss"] + 1e-3, "--l2 adds λ‖θ_active‖² to the loss"
+
+
 def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, cache_dir, monkeypatch, capsys):
     """--micro-batch 1 runs each motion batch of 3 as 3 forward/backward slices. The accumulated gradient is
     the whole batch's up to summation order: on the first motion step (identical weights before it) the
