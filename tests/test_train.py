@@ -164,7 +164,8 @@ def test_checkpoint_state_round_trips_and_refuses_a_misfit():
     states = [fresh_opt.state.get(p) for p in fresh.ext.parameters()]
     want = [opt.state.get(p) for p in ext.parameters()]
     assert [s is None for s in states] == [s is None for s in want] and any(s is None for s in want)
-    assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) for a, b in zip(states, want) if a is not None)
+    pairs = [(a, b) for a, b in zip(states, want) if a is not None]
+    assert all(torch.equal(a[k], b[k]) for a, b in pairs for k in ("step", "exp_avg", "exp_avg_sq")) and pairs
     weights.pop("ext.motion.0.attn.up.weight")
     with pytest.raises(ValueError, match="do not fit this model.*ext.motion.0.attn.up.weight"):
         parallel.load_trainable_state(fresh, fresh_opt, weights, optim)
