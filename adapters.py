@@ -138,7 +138,8 @@ class DualAdapters(nn.Module):
 
 
 def attach(model: nn.Module, cfg: AdapterConfig | None = None) -> DualAdapters:
-    """Freeze the base model, build fresh adapters (fp32, on the model's device) and set model.ext.
+    """Freeze the base model, build fresh adapters (fp32, drawn on the CPU, so a seed gives one init on any
+    device; then moved to the model's device) and set model.ext.
 
     The base keeps its dtype and device; afterwards exactly the adapter and controller parameters
     require grad, so `[p for p in model.parameters() if p.requires_grad]` == list(ext.parameters()).
@@ -148,8 +149,9 @@ def attach(model: nn.Module, cfg: AdapterConfig | None = None) -> DualAdapters:
         raise ValueError("this model already has adapters attached; call adapters.detach(model) first")
     c, cfg = model.config, cfg or AdapterConfig()
     model.requires_grad_(False)  # before model.ext is set, so the adapters stay trainable
-    with torch.device(next(model.parameters()).device):
-        model.ext = DualAdapters(c.num_layers, c.inner_dim, c.time_embed_dim, cfg, str(model.name))
+    device = next(model.parameters()).device  # the init is drawn on the CPU (meta: shapes only, no draws)
+    with torch.device("meta" if device.type == "meta" else "cpu"):
+        model.ext = DualAdapters(c.num_layers, c.inner_dim, c.time_embed_dim, cfg, str(model.name)).to(device)
     return model.ext
 
 
