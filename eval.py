@@ -218,12 +218,14 @@ def controller_trace(adapters_file: Path, prompt: str, subject: Path, steps: int
     step the identity weight 1 - ω of every group in the conditional branch -> (timesteps, weights (S, n))."""
     name = adapters.read_metadata(str(adapters_file))[1]["name"]  # the base model they were trained on
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    net = model.load_transformer(name, dtype, device)
+    net = model.load_transformer(name, dtype)  # on the CPU (memory-mapped) while the encoders use the GPU
     adapters.load_adapters(net, str(adapters_file))
     c, weights, t5 = net.config, [], encoders.load_text_encoder(name, dtype, device)
     text, neg = (t5.encode(p, c.max_text_seq_length) for p in (prompt, ""))
     clip = encoders.load_image_encoder("tiny" if name == "tiny" else encoders.CLIP_ID, dtype, device)
     e = clip.embed(data.load_images(subject, *c.default_size)[:1].permute(0, 3, 1, 2))  # (1, E)
+    del t5, clip  # T5-XXL and CLIP-H leave the GPU before the transformer comes: 24 GB, as in sample.py
+    net.to(device)
     schedule = diffusion.load_schedule(checkpoint.find_scheduler(name))  # as sample.py does
     shape = (1, 13 + -13 % c.patch_t, c.in_channels, *(n // 8 for n in c.default_size))  # 49 frames; 1.5: 14
     record = lambda i, t, x: weights.append(1 - net.ext.last_omega[-1].float().cpu())  # (B', n): [neg; pos]

@@ -9,6 +9,7 @@ numbers are not (they need the real checkpoints).
 import json
 import runpy
 import sys
+import weakref
 from dataclasses import asdict
 
 import av
@@ -373,6 +374,31 @@ def test_controller_trace_is_one_minus_the_motion_share_per_group(inputs, tmp_pa
     want = (1 - torch.sigmoid(torch.tensor([2.0, -1.0]))).expand(3, 2)  # identity weights (0.119, 0.731)
     diff = (w - want).abs()
     assert diff.max() < 1e-6, f"trace {w.tolist()} vs 1 - ω {want[0].tolist()}; max |diff| {diff.max():.2e}"
+
+
+def test_controller_trace_frees_the_encoders_before_the_transformer_moves(inputs, tmp_path, monkeypatch):
+    """On a GPU, T5-XXL (9.5 GiB), CLIP-H and the 5B transformer (10.4 GiB) together overflow 24 GB: the
+    transformer waits on the CPU until both encoders are gone, as in sample.py."""
+    events, move = [], model.CogVideoXTransformer.to
+
+    def tracked(load):  # an encoder loader whose encoders log their release
+        def spy(*args, **kwargs):
+            encoder = load(*args, **kwargs)
+            weakref.finalize(encoder, events.append, "encoder freed")
+            return encoder
+
+        return spy
+
+    def logged_move(self, *args, **kwargs):
+        events.append("transformer moved")
+        return move(self, *args, **kwargs)
+
+    for name in ("load_text_encoder", "load_image_encoder"):
+        monkeypatch.setattr(encoders, name, tracked(getattr(encoders, name)))
+    monkeypatch.setattr(model.CogVideoXTransformer, "to", logged_move)
+    tiny_adapters(tmp_path / "a.safetensors")
+    ev.controller_trace(tmp_path / "a.safetensors", "a dog", inputs / "subject", 2)
+    assert events.count("encoder freed") == 2 and events[-1] == "transformer moved", events
 
 
 def test_controller_trace_reads_the_scheduler_folder_of_a_checkpoint_root(inputs, tmp_path, monkeypatch):
