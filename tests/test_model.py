@@ -78,6 +78,34 @@ def test_matches_diffusers(pair, frames, n_text):
     assert diff.max() <= 1e-5, f"max abs diff {diff.max():.3g}, mean {diff.mean():.3g}"
 
 
+def test_matches_diffusers_through_onednn(tmp_path, monkeypatch):
+    """The tiny configs stay under onednn.py's 2^25 threshold; at width 256 and 224 tokens the q/k/v and FFN
+    matmuls cross it (x86 CPUs), so the model runs its oneDNN path, forward and backward."""
+    import onednn
+
+    if not onednn.AVAILABLE:
+        pytest.skip("oneDNN linears run on x86 CPUs only")
+    calls, apply = [], onednn.OneDNNLinearFunction.apply
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return apply(*args)
+
+    monkeypatch.setattr(onednn.OneDNNLinearFunction, "apply", counted)
+    ref = reference(dict(VARIANTS["rope"], num_attention_heads=4, attention_head_dim=64))
+    ref.save_pretrained(tmp_path / "transformer")
+    ours = model.load_transformer(str(tmp_path)).eval()
+    x, text, t = torch.randn(2, 4, 4, 8, 12), torch.randn(2, 16, 32), torch.tensor([999, 17])
+    rope = reference_rope(ref, 4, 8, 12)
+    want, got = ref(x, text, t, image_rotary_emb=rope, return_dict=False)[0], ours(x, text, t)
+    assert len(calls) == 3 * 2, "q/k/v, fc1 and fc2 of both blocks take oneDNN"
+    assert (got - want).abs().max() <= 1e-5, f"max abs diff {(got - want).abs().max():.3g}"
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(x_ref, text, t, image_rotary_emb=rope, return_dict=False)[0].square().mean().backward()
+    ours(x_ours, text, t).square().mean().backward()
+    assert (x_ours.grad - x_ref.grad).abs().max() <= 1e-5 * x_ref.grad.abs().max()
+
+
 def test_norms_match_diffusers(pair):
     """Every LayerNorm's size, eps and affine flag, as a multiset. An eps off by 10x (1e-5 for the q/k norms'
     1e-6) moves the output by ~4e-6, inside the parity tolerance, so the norms are compared directly."""
