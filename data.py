@@ -145,7 +145,7 @@ def load_clip(path: str | Path, num_frames: int = 49, fps: float = 8.0, height: 
             raise ValueError(f"cannot decode {path}: {e} (re-encode it, e.g. to H.264 mp4)") from None
         converted = {id(f): resize_crop(display_rgb(f), height, width) for _, f in picked}  # once per frame
         if len(converted) < min(2, num_frames):  # no frame decoded, or one picture only: no motion to learn
-            raise ValueError(f"{path}: {len(converted)} distinct frames decoded; a motion clip needs 2+")
+            raise ValueError(f"{path}: {len(converted)} distinct frames decoded, {min(2, num_frames)} needed")
     frames = torch.stack([converted[id(f)] for _, f in picked])  # (num_frames, H, W, 3)
     info = ClipInfo(str(path), src_fps, duration, None if native else fps, [t for t, _ in picked], repeated)
     if repeated:

@@ -296,5 +296,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError) as e:  # a user's mistake: one line, no traceback
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         sys.exit(2)

@@ -35,7 +35,7 @@ SPATIAL, TEMPORAL = 8, 4  # every CogVideoX VAE: 8x in space, 4x in time (after 
 
 def fail(message: str):
     """A user's mistake: one line on stderr and exit code 2, no traceback."""
-    print(f"sample.py: error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message
+    print(f"sample.py: error: {' '.join(message.splitlines())}", file=sys.stderr)  # one line, always
     sys.exit(2)
 
 

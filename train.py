@@ -226,7 +226,7 @@ def main(argv=None) -> None:
         parallel.barrier()  # rank 0 has filled the cache, and every rank has checked --output-dir
         cache = cache or precompute(args, cfg, images, clip, device, dtype)  # the others read it
     except (ValueError, OSError) as err:  # OSError: also transformers' missing weights, an unreachable hub
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
+        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     train(args, cfg, cache, rank, world, device, dtype)
     parallel.finish()
@@ -255,7 +255,7 @@ def train(args, cfg, cache, rank, world, device, dtype) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # the same adapter init on every rank and in every run
         ext = adapters.attach(model, acfg)
-    torch._dynamo.config.recompile_limit = 32  # blocks share graphs, one per shape and mode: 6-10 (README)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)  # variants: README
     for block in model.blocks if args.compile else []:
         block.compile()  # in place, per block: saved keys carry no _orig_mod. prefix
     net = parallel.wrap(model, args.fsdp)  # DDP, FSDP2 (sharded in place) or the model itself

@@ -57,9 +57,9 @@ def pair(request, tmp_path_factory):
 
 @pytest.mark.parametrize("frames, n_text", [(1, 16), (4, 16), (4, 7)])
 def test_matches_diffusers(pair, frames, n_text):
-    """Also with text shorter than max_text_seq_length (16): RoPE skips the text rows actually given. 2B's
-    sin-cos table holds max_text_seq_length text rows, and diffusers then misplaces the video positions; its
-    pipeline always pads to the max, so 2B is compared at full length only."""
+    """Also with text shorter than max_text_seq_length (16): RoPE skips the text rows actually given. For 2B,
+    diffusers' sin-cos table needs all max_text_seq_length text rows (shorter text raises there; its pipeline
+    always pads to the max), so that case runs 2B at full length again."""
     ref, ours, _ = pair
     if ref.config.patch_size_t and frames % 2:
         frames += 1

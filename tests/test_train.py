@@ -1,5 +1,6 @@
 """train.py on tiny, CPU: quick start, learning, bitwise resume, DDP, masking in the real loop, bad input."""
 
+import argparse
 import hashlib
 import json
 import os
@@ -122,7 +123,7 @@ def test_each_phase_gets_its_own_data_prompt_and_e():
     low = dict(subject_logvar=torch.full_like(subjects, -30.0), clip_logvar=torch.full_like(clip, -30.0))
     cache = dict(subject_mean=subjects, clip_mean=clip, **low, text=text, e_clip=torch.arange(8.0).view(4, 2),
                  scale=torch.tensor(0.7))  # fmt: skip
-    args = __import__("argparse").Namespace(subject_batch=2, motion_batch=3)
+    args = argparse.Namespace(subject_batch=2, motion_batch=3)
     z, txt, e = train.batch_for("identity", cache, args, gen)
     assert z.shape == (2, 1, c, h, w) and e is None and bool((txt == 0).all())
     assert all(any(torch.allclose(zi, s * 0.7, atol=1e-5) for s in subjects) for zi in z)
@@ -131,7 +132,7 @@ def test_each_phase_gets_its_own_data_prompt_and_e():
     assert e.shape == (3, 2) and all(any(torch.equal(ei, row) for row in cache["e_clip"]) for ei in e)
 
 
-def test_latents_from_a_bf16_cache_are_noised_in_fp32():
+def test_latents_from_a_bf16_cache_are_noised_in_fp32(tmp_path, cache_dir, monkeypatch):
     """On CUDA the VAE runs in bf16, so the cached posteriors are bf16. In bf16 the schedule's sqrt(1 - a_t)
     rounds to 0 at t = 0 and 1 (it is 0.029 and 0.042), so x_t would hold no noise and the velocity target
     (then the noise itself) could not be learned; batch_for's latents are fp32, so add_noise works in fp32."""
@@ -139,11 +140,20 @@ def test_latents_from_a_bf16_cache_are_noised_in_fp32():
     shape = (2, 1, 4, 4, 6)  # two subject images' posteriors (N, F, C, h, w), as precompute caches them
     mean, logvar = torch.randn(shape).bfloat16(), torch.full(shape, -4.0).bfloat16()  # scale 1: any works
     cache = dict(subject_mean=mean, subject_logvar=logvar, text=torch.randn(4, 8, 16), scale=torch.ones(()))
-    z, _, _ = train.batch_for("identity", cache, __import__("argparse").Namespace(subject_batch=2), gen)
+    z, _, _ = train.batch_for("identity", cache, argparse.Namespace(subject_batch=2), gen)
     noise, t = torch.randn(z.shape, generator=gen), torch.tensor([0, 1])
     noisy, clean = schedule.add_noise(z, noise, t), schedule.add_noise(z, torch.zeros_like(noise), t)
     assert (noisy.bfloat16().float() - clean.bfloat16().float()).abs().mean() > 0.02  # the model sees noise
     assert z.dtype == torch.float32, z.dtype
+    seen, add_noise = [], diffusion.Schedule.add_noise  # and so it is in the loop, with a bf16 base and cache
+
+    def spy(self, x0, noise, t):
+        seen.append(x0.dtype)
+        return add_noise(self, x0, noise, t)
+
+    monkeypatch.setattr(diffusion.Schedule, "add_noise", spy)
+    run(tmp_path / "run", cache_dir, "--steps", "2", "--dtype", "bf16")  # CUDA's default dtype, on the CPU
+    assert seen and set(seen) == {torch.float32}, seen
 
 
 def test_checkpoint_state_round_trips_and_refuses_a_misfit():
@@ -480,16 +490,18 @@ def test_compiled_blocks_stay_compiled_in_one_process(tmp_path, cache_dir, monke
     dynamo's eager backend: the graphs are the same, Inductor's code generation is not needed)."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default; restored afterwards
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default (monkeypatch restores)
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
     torch._dynamo.reset()
     counters.clear()
     batches = ["--subject-batch", "3", "--motion-batch", "3", "--micro-batch", "2", "--val-every", "3"]
-    run(tmp_path / "run", cache_dir, "--steps", "6", "--compile", *batches, "--val-steps", "2")
-    frames = dict(counters["frames"])
+    try:
+        run(tmp_path / "run", cache_dir, "--steps", "6", "--compile", *batches, "--val-steps", "2")
+        frames = dict(counters["frames"])
+    finally:
+        torch._dynamo.reset()
     assert frames["total"] == frames["ok"] >= 9, frames  # every variant compiled, none left to run eager
-    torch._dynamo.reset()
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch):
