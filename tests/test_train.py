@@ -490,14 +490,14 @@ def test_compiled_blocks_stay_compiled_in_one_process(tmp_path, cache_dir, monke
     dynamo's eager backend: the graphs are the same, Inductor's code generation is not needed)."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default (monkeypatch restores)
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
     torch._dynamo.reset()
     counters.clear()
     batches = ["--subject-batch", "3", "--motion-batch", "3", "--micro-batch", "2", "--val-every", "3"]
-    try:
-        run(tmp_path / "run", cache_dir, "--steps", "6", "--compile", *batches, "--val-steps", "2")
+    try:  # config.patch, not monkeypatch: pytest 9.2's undo deletes a config entry it did not see in __dict__
+        with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default; restored on exit
+            run(tmp_path / "run", cache_dir, "--steps", "6", "--compile", *batches, "--val-steps", "2")
         frames = dict(counters["frames"])
     finally:
         torch._dynamo.reset()
