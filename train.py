@@ -217,7 +217,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, device = parallel.init()  # under torchrun: a process group (gloo on CPU, nccl on CUDA)
     args.world_size = world  # in config.json: --resume on another world size would draw other batches
-    cuda = device.type == "cuda"
+    cuda = torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"  # TF32: the official --allow_tf32
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else torch.float32
     args.compile = cuda if args.compile is None else args.compile
     try:  # a user's mistake (flags, files, encoder weights): one line on stderr, exit code 2, nothing written

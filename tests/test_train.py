@@ -592,6 +592,24 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, cache_dir, ca
         assert not out.exists(), f"{name}: wrote into the output dir"
 
 
+def test_tf32_on_cuda_as_the_official_recipe(tmp_path, cache_dir, monkeypatch, capsys):
+    """The official recipe passes --allow_tf32: on CUDA the fp32 adapter matmuls run on TF32 tensor cores. A
+    CUDA device is faked up to setup, which stops at a bad flag before any CUDA call; the CPU stays fp32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(parallel, "init", lambda: (0, 1, torch.device("cuda")))
+    try:
+        with pytest.raises(SystemExit):
+            run(tmp_path / "run", cache_dir, "--steps", "0")
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        monkeypatch.setattr(parallel, "init", lambda: (0, 1, torch.device("cpu")))
+        with pytest.raises(SystemExit):
+            run(tmp_path / "run", cache_dir, "--steps", "0")
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert "--steps must be >= 1" in capsys.readouterr().err
+
+
 def test_output_dir_of_another_run(tmp_path, cache_dir, capsys, monkeypatch):
     out = tmp_path / "run"
     run(out, cache_dir, "--steps", "1")
