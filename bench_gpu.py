@@ -73,6 +73,7 @@ def latent_shape(cfg, batch: int, frames: int, height: int, width: int) -> tuple
 def train_step(cfg, frames, height, width, device, dtype, compile: bool, steps: int, batch: int = 1) -> dict:
     """Time `steps` DualReal motion steps after a first one (compile and warm-up), as train.py runs them."""
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"  # as train.py: TF32 on CUDA
     with torch.device(device):
         net = model.CogVideoXTransformer(cfg).to(dtype)  # random init in fp32, then the frozen base's dtype
     ext = adapters.attach(net, adapters.AdapterConfig(cond_dim=CLIP_DIM))  # fp32, freezes the base
